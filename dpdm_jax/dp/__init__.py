@@ -1,0 +1,38 @@
+"""The DP-SGD engine: Poisson sampling, clipped per-example sums, noise, accounting.
+
+It knows nothing of diffusion: any per-example loss (params, example, key) -> scalar works.
+"""
+from dpdm_jax.dp.accounting import (
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+)
+from dpdm_jax.dp.clipping import ClipStats, clipped_grad_sum, example_key, noise_multiplicity_loss
+from dpdm_jax.dp.noise import gaussian_noise_like, privatise_gradient_sum
+from dpdm_jax.dp.sampling import Chunk, PoissonSampler
+from dpdm_jax.dp.sharding import data_mesh, put_batch, sharded_clipped_grad_sum
+from dpdm_jax.dp.step import DPSGDStep, TrainState, ema_decay, step_keys
+from dpdm_jax.dp.validation import check_params_only, validate_dp_params
+
+__all__ = [
+    "Chunk",
+    "ClipStats",
+    "DPSGDStep",
+    "PoissonSampler",
+    "PrivacyLedger",
+    "TrainState",
+    "calibrate_noise_multiplier",
+    "check_params_only",
+    "clipped_grad_sum",
+    "compute_epsilon",
+    "data_mesh",
+    "ema_decay",
+    "example_key",
+    "gaussian_noise_like",
+    "noise_multiplicity_loss",
+    "privatise_gradient_sum",
+    "put_batch",
+    "sharded_clipped_grad_sum",
+    "step_keys",
+    "validate_dp_params",
+]

@@ -1,0 +1,149 @@
+"""One logical DP-SGD step: clipped sums over chunks, noise once, optimiser, EMA.
+
+    for each chunk of the Poisson batch:          (any number of chunks, fixed shape)
+        acc += sum_i clip_C(grad loss_i)           (sharded over devices, psum)
+    g = (acc + N(0, sigma^2 C^2 I)) / (q N)        (once, identical on every device)
+    params <- optimiser(params, g);  ema <- ema - (1 - decay_n) (ema - params)
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from dpdm_jax.dp.clipping import ClipStats, LossFn
+from dpdm_jax.dp.noise import privatise_gradient_sum
+from dpdm_jax.dp.sharding import data_mesh, put_batch, replicated, sharded_clipped_grad_sum
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a DP training run updates. `step` counts logical steps done (int32)."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+
+
+def ema_decay(num_updates: jax.Array, max_decay: float = 0.999) -> jax.Array:
+    """EMA warm-up: decay_n = min(max_decay, (1 + n) / (10 + n)), n = updates so far."""
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def step_keys(run_key: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
+    """(gradient key, noise key) of logical step `step`: functions of the run key and step only."""
+    step_key = jax.random.fold_in(run_key, step)
+    return jax.random.fold_in(step_key, 0), jax.random.fold_in(step_key, 1)
+
+
+class DPSGDStep:
+    """A jitted DP-SGD step for any per-example loss.
+
+    Args:
+      loss_fn: (params, example, key) -> scalar, for ONE example (e.g. the mean over K draws).
+      optimizer: an optax transformation (DPDM: Adam 3e-4).
+      clip_norm: C.
+      noise_multiplier: sigma (calibrated from the target epsilon by the caller).
+      expected_batch_size: q * N, the public normaliser.
+      mesh: 1-D 'data' mesh; default all devices.
+      microbatch_size: optional per-device inner micro-batch (memory bound).
+      ema_max_decay: 0.999 in DPDM.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        optimizer: optax.GradientTransformation,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        mesh: Mesh | None = None,
+        microbatch_size: int | None = None,
+        ema_max_decay: float = 0.999,
+    ):
+        if clip_norm <= 0:
+            raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        self.mesh = mesh if mesh is not None else data_mesh()
+        self.optimizer = optimizer
+        self.clip_norm = float(clip_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        clipped_sum = sharded_clipped_grad_sum(loss_fn, self.mesh, self.clip_norm, microbatch_size)
+        repl = replicated(self.mesh)
+
+        def accumulate(acc, params, examples, example_ids, mask, key):
+            grad_sum, stats = clipped_sum(params, examples, example_ids, mask, key)
+            return jax.tree.map(jnp.add, acc[0], grad_sum), acc[1] + stats
+
+        def update(state: TrainState, grad_sum, key):
+            grads = privatise_gradient_sum(
+                grad_sum, key, self.noise_multiplier, self.clip_norm, self.expected_batch_size
+            )
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            decay = ema_decay(state.step, ema_max_decay)
+            ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema_params, params)
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+        self._accumulate = jax.jit(accumulate, donate_argnums=(0,), out_shardings=repl)
+        self._update = jax.jit(update, donate_argnums=(0,), out_shardings=repl)
+
+    def init(self, params: PyTree) -> TrainState:
+        """A fresh state (step 0; EMA starts at params), replicated on the mesh."""
+        # Copies: the state is donated to the step, the caller's arrays must survive it.
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.optimizer.init(params),
+            ema_params=jax.tree.map(lambda x: jnp.array(x, copy=True), params),
+        )
+        return jax.device_put(state, replicated(self.mesh))
+
+    def zero_accumulator(self, params: PyTree) -> tuple[PyTree, ClipStats]:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return jax.device_put((zeros, ClipStats.zeros()), replicated(self.mesh))
+
+    def accumulate(self, acc, params, examples, example_ids, mask, grad_key):
+        """acc + clipped sum of one chunk (host arrays are placed on the mesh here)."""
+        examples, example_ids, mask = put_batch(self.mesh, (examples, example_ids, mask))
+        return self._accumulate(acc, params, examples, example_ids, mask, grad_key)
+
+    def __call__(
+        self,
+        state: TrainState,
+        chunks: Iterable[tuple[PyTree, Any, Any]],
+        run_key: jax.Array,
+        step: int,
+    ) -> tuple[TrainState, ClipStats]:
+        """Run logical step `step`.
+
+        Args:
+          state: current state (donated: do not reuse it).
+          chunks: iterable of (examples, example_ids, mask) host arrays of one fixed chunk
+            shape; may be empty (an empty Poisson batch still gets a noisy update).
+          run_key: the run's PRNG key; step keys are derived from (run_key, step).
+          step: the logical step index (must equal state.step; checked).
+        Returns:
+          (new state, ClipStats sums over the logical batch).
+        """
+        if int(state.step) != step:
+            raise ValueError(f"state is at step {int(state.step)} but step {step} was requested")
+        grad_key, noise_key = step_keys(run_key, step)
+        acc = self.zero_accumulator(state.params)
+        for examples, example_ids, mask in chunks:
+            acc = self.accumulate(acc, state.params, examples, example_ids, mask, grad_key)
+        grad_sum, stats = acc
+        return self._update(state, grad_sum, noise_key), stats

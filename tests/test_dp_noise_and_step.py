@@ -1,0 +1,121 @@
+"""Noise, normalisation and the composed DP-SGD step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpdm_jax.dp import DPSGDStep, PoissonSampler, ema_decay, noise_multiplicity_loss
+from dpdm_jax.dp.clipping import clipped_grad_sum
+from dpdm_jax.dp.noise import privatise_gradient_sum
+from dpdm_jax.dp.sharding import data_mesh, replicated
+from dpdm_jax.dp.step import step_keys
+from tests.dp_helpers import draw_loss, init_params, make_examples
+
+LOSS = noise_multiplicity_loss(draw_loss, 2)
+
+
+def test_noise_std_is_sigma_c_over_expected_batch():
+    zeros = {"a": jnp.zeros((300, 300)), "b": jnp.zeros((1000,))}
+    sigma, c, b = 3.0, 0.5, 40.0
+    out = privatise_gradient_sum(zeros, jax.random.key(0), sigma, c, b)
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
+    assert abs(flat.std() * b / (sigma * c) - 1) < 0.01
+    assert abs(flat.mean()) * b < 0.05
+    # Different leaves get independent noise.
+    assert not np.allclose(out["a"].ravel()[:1000], out["b"])
+
+
+def test_normalised_by_expected_not_realised_batch():
+    g = {"w": jnp.full((3,), 6.0)}
+    out = privatise_gradient_sum(g, jax.random.key(0), 0.0, 1.0, expected_batch_size=4.0)
+    np.testing.assert_allclose(out["w"], 1.5)
+
+
+def test_noise_identical_on_every_device():
+    mesh = data_mesh(jax.devices()[:8])
+    g = jax.device_put({"w": jnp.zeros((64,))}, replicated(mesh))
+    f = jax.jit(lambda g, k: privatise_gradient_sum(g, k, 1.0, 1.0, 1.0), out_shardings=replicated(mesh))
+    out = f(g, jax.random.key(3))
+    shards = [np.asarray(s.data) for s in out["w"].addressable_shards]
+    assert len(shards) == 8
+    for s in shards[1:]:
+        np.testing.assert_array_equal(s, shards[0])
+    assert np.std(shards[0]) > 0.5
+
+
+def test_ema_warmup():
+    np.testing.assert_allclose(ema_decay(0), 0.1)
+    np.testing.assert_allclose(ema_decay(10), 11 / 20)
+    np.testing.assert_allclose(ema_decay(100000), 0.999)
+
+
+def _host_chunks(examples, sampler, step):
+    for c in sampler.chunks(step):
+        yield jax.tree.map(lambda a: a[c.indices], examples), c.indices, c.mask
+
+
+def test_step_equals_manual_dp_sgd():
+    """One step by hand: clipped sum + the step's noise, / qN, Adam, EMA."""
+    n, q, sigma, c = 40, 0.25, 0.7, 1.0
+    data = make_examples(n)
+    params = init_params()
+    opt = optax.adam(3e-4)
+    run_key = jax.random.key(11)
+    dp_step = DPSGDStep(LOSS, opt, clip_norm=c, noise_multiplier=sigma, expected_batch_size=q * n,
+                        mesh=data_mesh(jax.devices()[:1]))
+    sampler = PoissonSampler(n, q, chunk_size=4, seed=5)
+    state = dp_step.init(params)
+    new_state, stats = dp_step(state, _host_chunks(data, sampler, 0), run_key, 0)
+
+    idx = sampler.batch_indices(0)
+    grad_key, noise_key = step_keys(run_key, 0)
+    gsum, _ = clipped_grad_sum(LOSS, params, jax.tree.map(lambda a: a[idx], data), jnp.asarray(idx, jnp.int32),
+                               jnp.ones(len(idx), bool), grad_key, c)
+    g = privatise_gradient_sum(gsum, noise_key, sigma, c, q * n)
+    updates, _ = opt.update(g, opt.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    ema = jax.tree.map(lambda e, p: e - (1 - 0.1) * (e - p), params, expected)
+    for a, b in zip(jax.tree.leaves(new_state.ema_params), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert int(new_state.step) == 1 and stats.num_examples == len(idx)
+
+
+def test_step_independent_of_chunk_size_and_devices():
+    n, q = 48, 0.3
+    data = make_examples(n)
+    run_key = jax.random.key(2)
+    results = []
+    for chunk, devices in [(4, 1), (16, 4), (8, 8)]:
+        step = DPSGDStep(LOSS, optax.adam(1e-2), clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=q * n,
+                         mesh=data_mesh(jax.devices()[:devices]))
+        sampler = PoissonSampler(n, q, chunk_size=chunk, seed=9, num_devices=devices)
+        state = step.init(init_params())
+        for t in range(3):
+            state, _ = step(state, _host_chunks(data, sampler, t), run_key, t)
+        results.append(jax.device_get(state.params))
+    for other in results[1:]:
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_batch_still_noisy_update_and_step_check():
+    step = DPSGDStep(LOSS, optax.sgd(1.0), clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=2.0,
+                     mesh=data_mesh(jax.devices()[:1]))
+    params = init_params()
+    state = step.init(params)
+    new_state, stats = step(state, [], jax.random.key(0), 0)
+    assert stats.num_examples == 0
+    assert not np.allclose(new_state.params["w2"], params["w2"])
+    with pytest.raises(ValueError, match="step"):
+        step(new_state, [], jax.random.key(0), 5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(clip_norm=0.0), dict(noise_multiplier=-1.0), dict(expected_batch_size=0.0)])
+def test_step_rejects_invalid(kwargs):
+    args = dict(clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        DPSGDStep(LOSS, optax.sgd(1.0), **args)
