@@ -1,0 +1,4 @@
+"""DDPM++ (NCSN++) U-Net used as F_theta by every DPDM denoiser."""
+from dpdm_jax.models.ddpmpp import DDPMpp, count_params, ddpmpp_for, init_shapes
+
+__all__ = ["DDPMpp", "ddpmpp_for", "count_params", "init_shapes"]

@@ -1,0 +1,146 @@
+"""DDPM++ U-Net: paper parameter counts (shape-only), shapes, per-example independence."""
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpdm_jax.models import DDPMpp, count_params, ddpmpp_for, init_shapes
+
+# Official network sizes (design/method.md section 3).
+PAPER_COUNTS = {
+    "mnist": 1_753_345,
+    "fashion_mnist": 1_753_345,
+    "cifar10": 1_754_499,
+    "celeba32": 1_804_451,
+    "celeba64": 1_999_907,
+    "imagenet32": 1_836_483,
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER_COUNTS))
+def test_paper_param_counts(dataset):
+    variables = init_shapes(ddpmpp_for(dataset))
+    assert set(variables) == {"params"}
+    assert count_params(variables) == PAPER_COUNTS[dataset]
+
+
+def test_mnist_breakdown_by_layer_type():
+    """(parameters, layers) per type, as listed in method.md for the official MNIST network."""
+    params = init_shapes(ddpmpp_for("mnist"))["params"]
+    n, layers = collections.Counter(), collections.Counter()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        module = path[-2].key
+        kind = ("embed" if module == "label_embed" else "gn" if module.startswith("norm")
+                else "attn" if module in ("q", "k", "v", "out")
+                else "dense" if module.startswith("emb") else "conv")
+        n[kind] += math.prod(leaf.shape)
+        layers[kind] += path[-1].key in ("kernel", "scale", "embedding")
+    assert dict(n) == {"conv": 1_511_009, "dense": 169_344, "attn": 66_560, "gn": 6_080,
+                       "embed": 352}
+    assert dict(layers) == {"conv": 58, "dense": 23, "attn": 16, "gn": 47, "embed": 1}
+
+
+def test_unknown_dataset_and_overrides():
+    with pytest.raises(ValueError):
+        ddpmpp_for("svhn")
+    m = ddpmpp_for("cifar10", nf=16, attn_resolutions=[8])
+    assert m.nf == 16 and m.attn_resolutions == (8,) and m.num_classes == 10
+
+
+# Tiny models for everything that computes: 8x8 images, two levels (8 -> 4), attention at 4.
+TINY = dict(image_size=8, in_channels=2, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+            attn_resolutions=(4,))
+
+
+def _inputs(b, key=0, num_classes=3):
+    rng = np.random.default_rng(key)
+    x = rng.standard_normal((b, 8, 8, 2)).astype(np.float32)
+    noise = rng.standard_normal((b,)).astype(np.float32)
+    labels = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)  # includes null
+    return jnp.asarray(x), jnp.asarray(noise), jnp.asarray(labels)
+
+
+def _o1_params(model, seed=1):
+    """Fan-in-scaled random parameters for `model`, drawn with numpy from the eval_shape'd
+    variables. The output is then O(1) rather than ~0 (the near-zero init of the last convs
+    would make equality checks vacuous), and no XLA compile of the PRNG is needed (compiling
+    a threefry init of even the tiny net takes ~20 s on the build machine)."""
+    rng = np.random.default_rng(seed)
+    variables = init_shapes(model)
+    assert set(variables) == {"params"}
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)
+                              / math.sqrt(max(1, math.prod(s.shape[:-1])))), variables)
+
+
+@pytest.fixture(scope="module")
+def cond():
+    model = DDPMpp(num_classes=3, **TINY)
+    return model, _o1_params(model), jax.jit(model.apply)
+
+
+def test_real_init_only_params_and_near_zero_output(cond):
+    model, _, apply = cond
+    x, noise, labels = _inputs(4)
+    # rbg keys: same init code, far cheaper to compile on CPU than threefry.
+    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, noise, labels)
+    assert set(variables) == {"params"}
+    assert variables["params"]["label_embed"]["embedding"].shape == (4, 8)  # 3 classes + null
+    out = apply(variables, x, noise, labels)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out)) and float(jnp.max(jnp.abs(out))) < 1e-2
+
+
+def test_conditional_shape_dtype_and_labels(cond):
+    model, params, apply = cond
+    x, noise, labels = _inputs(4)
+    out = apply(params, x, noise, labels)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert np.all(np.isfinite(out))
+    # Null label accepted; labels change the output; None means all-null.
+    null = jnp.full((4,), 3, jnp.int32)
+    out_null = apply(params, x, noise, null)
+    out_zero = apply(params, x, noise, jnp.zeros((4,), jnp.int32))
+    assert np.all(np.isfinite(out_null))
+    assert not np.allclose(out_null, out_zero)
+    np.testing.assert_allclose(apply(params, x, noise, None), out_null, rtol=1e-5, atol=1e-5)
+
+
+def test_unconditional_shape_dtype():
+    model = DDPMpp(num_classes=None, **TINY)
+    params = _o1_params(model)
+    assert "label_embed" not in params["params"]
+    x, noise, _ = _inputs(2)
+    out = jax.jit(model.apply)(params, x, noise)
+    assert out.shape == x.shape and out.dtype == jnp.float32 and np.all(np.isfinite(out))
+
+
+def test_examples_are_independent(cond):
+    """Changing example j leaves the other outputs unchanged, and d out[i] / d x[j] is exactly
+    zero for j != i: no op crosses the batch axis (BatchNorm-like statistics would fail)."""
+    model, params, apply = cond
+    x, noise, labels = _inputs(4)
+    out = apply(params, x, noise, labels)
+    assert float(jnp.std(out)) > 1e-2  # non-trivial output, so the checks below mean something
+    x2 = x.at[3].set(10.0 * x[0] + 3.0)
+    out2 = apply(params, x2, noise.at[3].set(5.0), labels.at[3].set((labels[3] + 1) % 4))
+    np.testing.assert_allclose(out2[:3], out[:3], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out2[3], out[3])
+    # Exact zero cross-Jacobian: d out[0] / d x[j] == 0 for j != 0.
+    grad = jax.grad(lambda xx: apply(params, xx, noise, labels)[0].sum())(x)
+    assert np.all(np.asarray(grad[1:]) == 0.0) and np.any(np.asarray(grad[0]) != 0.0)
+
+
+def test_dropout_only_in_training(cond):
+    _, params, apply_eval = cond
+    model = DDPMpp(num_classes=3, dropout=0.5, **TINY)  # same parameters as the fixture's
+    x, noise, labels = _inputs(4)
+    # Eval mode needs no 'dropout' rng (tracing would raise otherwise; no compile needed).
+    assert jax.eval_shape(model.apply, params, x, noise, labels).shape == x.shape
+    ev = apply_eval(params, x, noise, labels)
+    train = jax.jit(lambda p, k: model.apply(p, x, noise, labels, train=True, rngs={"dropout": k}))
+    tr = train(params, jax.random.key(3, impl="rbg"))
+    assert tr.shape == ev.shape and not np.allclose(tr, ev)
