@@ -119,3 +119,22 @@ def test_step_rejects_invalid(kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError):
         DPSGDStep(LOSS, optax.sgd(1.0), **args)
+
+
+def test_run_key_uses_all_64_seed_bits():
+    from dpdm_jax.dp import run_key_from_seed
+
+    a = jax.random.normal(run_key_from_seed(5), (4,))
+    b = jax.random.normal(run_key_from_seed(5 + 2**40), (4,))  # same low 32 bits
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, jax.random.normal(run_key_from_seed(5), (4,)))
+    with pytest.raises(ValueError):
+        run_key_from_seed(-1)
+
+
+def test_models_with_batch_statistics_are_refused():
+    from dpdm_jax.dp import check_params_only
+
+    check_params_only({"params": {"w": 1}})
+    with pytest.raises(ValueError, match="BatchNorm"):
+        check_params_only({"params": {"w": 1}, "batch_stats": {"mean": 0}})

@@ -11,7 +11,7 @@ from dpdm_jax.dp.clipping import ClipStats, clipped_grad_sum, example_key, noise
 from dpdm_jax.dp.noise import gaussian_noise_like, privatise_gradient_sum
 from dpdm_jax.dp.sampling import Chunk, PoissonSampler
 from dpdm_jax.dp.sharding import data_mesh, put_batch, sharded_clipped_grad_sum
-from dpdm_jax.dp.step import DPSGDStep, TrainState, ema_decay, step_keys
+from dpdm_jax.dp.step import DPSGDStep, TrainState, ema_decay, run_key_from_seed, step_keys
 from dpdm_jax.dp.validation import check_params_only, validate_dp_params
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "noise_multiplicity_loss",
     "privatise_gradient_sum",
     "put_batch",
+    "run_key_from_seed",
     "sharded_clipped_grad_sum",
     "step_keys",
     "validate_dp_params",

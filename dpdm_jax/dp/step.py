@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -35,6 +36,14 @@ def ema_decay(num_updates: jax.Array, max_decay: float = 0.999) -> jax.Array:
     """EMA warm-up: decay_n = min(max_decay, (1 + n) / (10 + n)), n = updates so far."""
     n = jnp.asarray(num_updates, jnp.float32)
     return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def run_key_from_seed(seed: int) -> jax.Array:
+    """A threefry key from all 64 bits of `seed` (jax.random.key keeps only 32 without x64)."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    words = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(words, impl="threefry2x32")
 
 
 def step_keys(run_key: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,82 @@
+"""Defaults shared by every DPDM config (method.md): Adam 3e-4, EMA 0.999, C = 1, DDIM 50 steps."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # -1: a fresh SECRET seed per run (the guarantee needs secret noise and batches), kept in
+    # the private checkpoints; >= 0: fixed and known, for tests and debugging only.
+    config.seed = -1
+
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "mnist"  # mnist | fashion_mnist | cifar10 | celeba32 | celeba64 | imagenet32 | synthetic
+    data.data_dir = ""  # "" -> $DPDM_DATA_DIR or ~/.cache/dpdm_jax/data
+    data.conditional = True  # class-conditional (label dropout for guidance)
+    data.max_examples = 0  # > 0: use only the first examples (smoke tests); N is then that size
+    # Only for data.name == "synthetic" (tests / smoke runs).
+    data.synthetic_size = 256
+    data.synthetic_image_size = 28
+    data.synthetic_channels = 1
+    data.synthetic_num_classes = 10
+
+    config.model = model = ml_collections.ConfigDict()
+    model.nf = 32
+    model.ch_mult = (1, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (7,)
+    model.dropout = 0.0
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.parameterisation = "edm"  # vp | ve | v | edm
+    diffusion.noise_multiplicity = 32  # K draws averaged per example before clipping
+    diffusion.label_dropout = 0.1
+
+    config.dp = dp = ml_collections.ConfigDict()
+    dp.epsilon = 10.0
+    dp.delta = 1e-5
+    dp.clip_norm = 1.0
+    dp.batch_size = 4096  # nominal: q = 1 / ceil(N / batch_size), expected batch q * N
+    dp.epochs = 300  # T = epochs * ceil(N / batch_size) logical steps
+    dp.accountant = "rdp"  # rdp | pld
+    dp.noise_multiplier = -1.0  # < 0: calibrate from epsilon; >= 0: use as given (epsilon is then reported)
+    dp.allow_delta_above_1_over_n = False
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.learning_rate = 3e-4
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.ema_max_decay = 0.999
+
+    config.training = training = ml_collections.ConfigDict()
+    training.chunk_size = 64  # examples per physical chunk (all devices together)
+    training.microbatch_size = 0  # > 0: examples per device processed at once inside a chunk
+    training.max_steps = 0  # > 0: stop after this many steps (the run's guarantee is for steps done)
+    training.log_every = 10
+    training.checkpoint_every = 100
+    training.sample_every = 500  # PNG grid of EMA samples
+    training.num_grid_samples = 64
+    training.keep_checkpoints = 3
+    training.fid_every = 0  # > 0: FID of fid_num_samples EMA samples every this many steps
+    training.fid_num_samples = 1000
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.sampler = "ddim"  # ddim | ddim_stochastic | edm
+    sampling.num_steps = 50
+    sampling.guidance_weight = 0.0
+    sampling.s_churn = 0.0
+    sampling.s_min = 0.05
+    sampling.s_max = 50.0
+    sampling.s_noise = 1.0
+    sampling.num_samples = 64
+    sampling.batch_size = 256
+    sampling.labels = "balanced"  # balanced | uniform | <class index>
+    sampling.checkpoint_step = -1  # -1: latest
+
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.num_samples = 60000
+    ev.fid_batch_size = 100
+    ev.classifier_epochs = 50
+    ev.classifiers = ("logreg", "mlp", "cnn")
+    ev.inception_weights = ""  # "" -> ~/.cache/dpdm_jax/inception_fid.npz
+    return config

@@ -1,0 +1,93 @@
+"""Draw images from trained (EMA) weights: used for training grids and `--mode=sample`."""
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dpdm_jax import experiment
+from dpdm_jax.checkpoint import Checkpointer
+from dpdm_jax.data import from_model_range
+from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, sample_images
+from dpdm_jax.metrics import save_image_grid
+
+
+def resolve_labels(spec, num_samples: int, num_classes: int | None):
+    """'balanced' -> 0,1,..,C-1,0,1..; 'uniform'; an int class; None for unconditional models."""
+    if num_classes is None:
+        return None
+    if spec == "balanced":
+        return np.arange(num_samples, dtype=np.int32) % num_classes
+    if spec == "uniform":
+        return "uniform"
+    try:
+        label = int(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index, got {spec!r}") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"sampling.labels={label} is not a class in [0, {num_classes})")
+    return label
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> tuple[str, dict]:
+    s = config.sampling
+    options = {"num_steps": s.num_steps}
+    if s.sampler == "edm":
+        options.update(s_churn=s.s_churn, s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise)
+    return s.sampler, options
+
+
+def generate(config: ml_collections.ConfigDict, model, params, num_samples: int, key: jax.Array,
+             labels=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`num_samples` uint8 images (N,H,W,C) and their labels from `params` (use the EMA weights)."""
+    spec = experiment.image_spec(config)
+    denoise_fn = make_denoise_fn(experiment.model_apply_fn(model), params,
+                                 get_parameterisation(config.diffusion.parameterisation))
+    name, options = sampler_options(config)
+    if labels is None:
+        labels = resolve_labels(config.sampling.labels, num_samples, spec.num_classes)
+    images, labels = sample_images(
+        denoise_fn, key, num_samples, min(config.sampling.batch_size, num_samples), spec.shape,
+        sampler=name, sampler_kwargs=options, labels=labels, num_classes=spec.num_classes,
+        guidance_weight=config.sampling.guidance_weight if spec.num_classes is not None else 0.0,
+    )
+    return from_model_range(images), labels
+
+
+def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, step: int = -1):
+    """(model, EMA params, checkpoint metadata) from `workdir/checkpoints`."""
+    from dpdm_jax.train import state_template  # the state layout the trainer saves
+
+    model = experiment.build_model(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    template = state_template(config, model)
+    if step >= 0:
+        state, meta = ckpt.restore(step, template)
+    else:
+        restored = ckpt.restore_latest(template)
+        if restored is None:
+            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
+        state, meta = restored
+    return model, state.ema_params, meta
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """--mode=sample: write samples.npz (uint8 images, labels) and a PNG grid; returns the npz path."""
+    experiment.validate_config(config)
+    model, ema_params, meta = restore_ema_params(config, workdir, config.sampling.checkpoint_step)
+    step = int(meta["step"])
+    n = config.sampling.num_samples
+    # Sampling is post-processing of DP weights: its randomness need not be secret.
+    key = jax.random.fold_in(jax.random.key(max(config.seed, 0)), step)
+    logging.info("Sampling %d images from the EMA weights of step %d with %s.", n, step, config.sampling.sampler)
+    images, labels = generate(config, model, ema_params, n, key)
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"samples_step{step}.npz")
+    np.savez_compressed(path, images=images, labels=np.zeros(0, np.int32) if labels is None else labels)
+    save_image_grid(images[: min(n, 100)], os.path.join(out_dir, f"samples_step{step}.png"))
+    logging.info("Wrote %s and its PNG grid. Privacy: %s", path, meta.get("privacy_summary", ""))
+    return path
