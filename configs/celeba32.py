@@ -16,7 +16,7 @@ def get_config(preset: str = "eps10"):
     config.dp.epsilon = PRESETS[preset]
     config.dp.delta = 1e-6
     config.dp.batch_size = 2048
-    config.dp.epochs = 300
+    config.dp.epochs = 300.0
     config.eval.num_samples = 50000
     config.eval.classifiers = ()
     return config

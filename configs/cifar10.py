@@ -14,6 +14,6 @@ def get_config(preset: str = "eps10"):
     config.dp.epsilon = 10.0
     config.dp.delta = 1e-5
     config.dp.batch_size = 2048
-    config.dp.epochs = 500
+    config.dp.epochs = 500.0
     config.eval.num_samples = 50000
     return config

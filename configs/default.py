@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     dp.delta = 1e-5
     dp.clip_norm = 1.0
     dp.batch_size = 4096  # nominal: q = 1 / ceil(N / batch_size), expected batch q * N
-    dp.epochs = 300  # T = epochs * ceil(N / batch_size) logical steps
+    dp.epochs = 300.0  # T = epochs * ceil(N / batch_size) logical steps
     dp.accountant = "rdp"  # rdp | pld
     dp.noise_multiplier = -1.0  # < 0: calibrate from epsilon; >= 0: use as given (epsilon is then reported)
     dp.allow_delta_above_1_over_n = False

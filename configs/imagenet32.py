@@ -14,7 +14,7 @@ def get_config(preset: str = "eps10"):
     config.dp.epsilon = 10.0
     config.dp.delta = 7e-7
     config.dp.batch_size = 2048
-    config.dp.epochs = 100
+    config.dp.epochs = 100.0
     config.eval.num_samples = 50000
     config.eval.classifiers = ()
     return config

@@ -21,6 +21,6 @@ def get_config(preset: str = "eps10", dataset: str = "mnist"):
     config.dp.epsilon = epsilon  # the official release's eps0.2 configs wrongly set 10; we do not
     config.dp.delta = 1e-5
     config.dp.batch_size = 4096
-    config.dp.epochs = 300
+    config.dp.epochs = 300.0
     config.eval.num_samples = 60000
     return config
