@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.max_steps = 0  # > 0: stop after this many steps (the run's guarantee is for steps done)
     training.log_every = 10
     training.checkpoint_every = 100
-    training.sample_every = 500  # PNG grid of EMA samples
+    training.sample_every = 500  # PNG grid of EMA samples every N steps and at the end (0: end only, <0: never)
     training.num_grid_samples = 64
     training.keep_checkpoints = 3
     training.fid_every = 0  # > 0: FID of fid_num_samples EMA samples every this many steps

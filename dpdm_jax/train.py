@@ -166,6 +166,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             save_image_grid(images, path, num_cols=spec.num_classes or None)
             logging.info("Wrote %s", path)
 
+    def write_fid(step):
+        from dpdm_jax.evaluation import report  # loads the Inception network only when asked
+
+        key = jax.random.fold_in(jax.random.fold_in(grid_key, step), 1)
+        images, _ = sample.generate(config, model, state.ema_params, t.fid_num_samples, key)
+        fid = report.compute_fid(config, images, workdir)
+        writer.write(step, {"fid": fid, "fid_num_samples": t.fid_num_samples})
+        logging.info("step %d  FID(%d samples vs train stats) %.2f", step, t.fid_num_samples, fid)
+
     # 4. The loop.
     for step in range(start, last):
         chunks = (
@@ -190,8 +199,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             progress.render(done, f"loss {summary['loss']:.4f} eps {epsilon:.3f} ETA {format_eta(eta)}")
         if done % t.checkpoint_every == 0 or done == last:
             save(done)
-        if t.sample_every > 0 and (done % t.sample_every == 0 or done == last):
+        if (t.sample_every > 0 and done % t.sample_every == 0) or (t.sample_every >= 0 and done == last):
             write_grid(done)
+        if t.fid_every > 0 and (done % t.fid_every == 0 or done == last):
+            write_fid(done)
 
     if start >= last:
         logging.info("Nothing to do: the checkpoint is already at step %d.", start)

@@ -35,7 +35,7 @@ def shrink(config):
     config.training.chunk_size = 8
     config.training.microbatch_size = 0
     config.training.max_steps = 1
-    config.training.sample_every = 0
+    config.training.sample_every = -1
     config.seed = 0
     return config
 

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
     config = test_tiny.get_config()
-    config.training.sample_every = 0
+    config.training.sample_every = -1
     for key, value in overrides.items():
         node = config
         *path, leaf = key.split(".")
