@@ -1,0 +1,36 @@
+"""--mode=eval on a tiny trained run: one JSON report with FID, classifier accuracies and the ledger."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import test_tiny
+from dpdm_jax import train
+from dpdm_jax.evaluation import inception, report
+
+WEIGHTS = os.environ.get("DPDM_INCEPTION_NPZ", inception.default_npz_path())
+
+
+@pytest.mark.slow
+@pytest.mark.real_weights
+@pytest.mark.skipif(not os.path.exists(WEIGHTS), reason="converted FID weights absent (see .ci/run)")
+def test_eval_report(tmp_path):
+    config = test_tiny.get_config()
+    config.training.max_steps = 2
+    config.training.sample_every = -1
+    config.eval.num_samples = 30
+    config.eval.classifier_epochs = 2
+    config.eval.classifiers = ("logreg", "mlp")
+    train.train(config, str(tmp_path))
+    result = report.run(config, str(tmp_path))
+    saved = json.load(open(tmp_path / "eval" / "report_step2.json"))
+    assert saved["step"] == 2 and saved["num_samples"] == 30
+    assert np.isfinite(saved["fid"]) and saved["fid"] > 0
+    assert set(saved["classifiers"]) == {"logreg", "mlp"}
+    for r in saved["classifiers"].values():
+        assert 0.0 <= r["test_acc"] <= 1.0
+    assert saved["privacy"]["steps"] == 2 and 0 < saved["privacy"]["epsilon_spent"] < 10
+    assert saved["privacy"]["epsilon_spent_pld"] <= saved["privacy"]["epsilon_spent"]
+    assert "PRIVATE training set" in saved["outside_dp_guarantee"]["fid"]
+    assert result["fid"] == saved["fid"]
