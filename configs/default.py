@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ev = ml_collections.ConfigDict()
     ev.num_samples = 60000
     ev.fid_batch_size = 100
+    ev.fid_reference_images = 0  # 0: the whole train split (the paper); > 0: its first N (CPU smoke runs)
     ev.classifier_epochs = 50
     ev.classifiers = ("logreg", "mlp", "cnn")
     ev.inception_weights = ""  # "" -> ~/.cache/dpdm_jax/inception_fid.npz

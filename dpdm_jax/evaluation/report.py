@@ -47,7 +47,7 @@ def compute_fid(config, images: np.ndarray, workdir: str) -> float:
     cache_dir = os.path.join(workdir, "fid_stats") if config.data.name == "synthetic" else None
     ref = fid.reference_statistics(
         config.data.name, "train", images=lambda: experiment.load_training_data(config).images,
-        extractor=extractor, cache_dir=cache_dir,
+        extractor=extractor, cache_dir=cache_dir, num_images=config.eval.fid_reference_images or None,
     )
     return fid.fid_from_stats(fid.image_statistics(images, extractor), ref)
 
@@ -70,6 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "step": step,
         "dataset": config.data.name,
         "num_samples": n,
+        "fid_reference_images": config.eval.fid_reference_images or "all of the train split",
         "sampler": sample.sampler_options(config)[1] | {"name": config.sampling.sampler,
                                                         "guidance_weight": config.sampling.guidance_weight},
         "privacy": {**ledger.to_dict(), "epsilon_spent": ledger.epsilon(),
