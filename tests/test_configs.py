@@ -40,7 +40,37 @@ def shrink(config):
     return config
 
 
+# The paper's networks, built from the shipped configs (method.md section 3).
+OFFICIAL_PARAMS = {"mnist": 1_753_345, "fashion_mnist": 1_753_345, "cifar10": 1_754_499, "celeba32": 1_804_451,
+                   "celeba64": 1_999_907, "imagenet32": 1_836_483}
+# One step per distinct program in the default suite; every config runs a step in the slow suite.
+FAST = {("mnist", "eps0.2"), ("mnist", "eps1"), ("cifar10", "eps10"), ("celeba32", "eps10")}
+
+
 @pytest.mark.parametrize("name, preset", SHIPPED)
+def test_shipped_config_builds(name, preset):
+    """As shipped: valid, calibrated within the target, and the paper's network."""
+    import jax
+
+    from dpdm_jax.models import count_params
+
+    config = load(name, preset)
+    experiment.validate_config(config)
+    n = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "celeba32": 162770, "celeba64": 162770,
+         "imagenet32": 1281167}[config.data.name]
+    schedule = experiment.privacy_schedule(config, n)
+    ledger = experiment.make_ledger(config, schedule)
+    assert ledger.epsilon(schedule.num_steps) <= config.dp.epsilon
+    if name != "quickstart":
+        model = experiment.build_model(config)
+        shapes = jax.eval_shape(lambda: experiment.init_variables(model, 0))
+        assert count_params(shapes["params"]) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize(
+    "name, preset",
+    [pytest.param(n, p, marks=() if (n, p) in FAST else pytest.mark.slow) for n, p in SHIPPED],
+)
 def test_shipped_config_runs_a_step(tmp_path, name, preset):
     config = load(name, preset)
     # The paper's settings are what ships (method.md).
