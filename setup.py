@@ -28,8 +28,10 @@ EXTRAS = {
         "hypothesis==6.170.17",
         "jax-privacy==2.0.0",  # independent reference for the clipped sum
     ],
-    # Only for converting / checking the FID network and for benchmarks; never at run time.
+    # Only for converting / checking the FID network; never at run time.
     "torch": ["torch==2.13.0"],
+    # Side-by-side benchmarks against Opacus (benchmarks/per_example_grads.py).
+    "benchmark": ["torch==2.13.0", "opacus==1.6.0"],
 }
 
 setup(
