@@ -6,10 +6,14 @@ require: nothing here mixes rows of the batch, and the only variable collection 
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import custom_batching, lax
 
 # Xavier-uniform for ordinary layers; the same shape scaled to a std of ~1e-5 for layers
 # whose output should start near zero (last conv of each residual branch, attention output,
@@ -29,12 +33,128 @@ def group_norm(channels: int, name: str | None = None) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, name=name)
 
 
+# --------------------------------------------------------------------------- convolutions
+# Two implementations of the same convolution (same parameters, same values):
+#   "xla":         lax.conv_general_dilated and its own autodiff.
+#   "split_wgrad": the same forward and input gradient, but the weight gradient is computed
+#                  in groups of rows, and per example when vmapped (DP-SGD's per-example
+#                  gradients). On XLA:CPU, (a) vmap of the weight gradient becomes one
+#                  grouped convolution (feature_group_count = batch) that ran 2-5x slower
+#                  than separate convolutions, and (b) one weight-gradient convolution over
+#                  many rows ran up to 3x slower than the sum of the same convolution over
+#                  groups of rows that fit in cache (docs/benchmarks.md).
+# "auto" picks split_wgrad on CPU and xla elsewhere (GPU convolution libraries handle both
+# cases). Chosen when a module is traced; override with DPDM_CONV_IMPL or set_conv_impl().
+CONV_IMPLS = ("auto", "xla", "split_wgrad")
+_conv_impl = os.environ.get("DPDM_CONV_IMPL", "auto")
+# Rows per weight-gradient group: as many as fit in this many bytes of input activations.
+WGRAD_GROUP_BYTES = 1 << 20
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def set_conv_impl(name: str) -> None:
+    """Select the convolution implementation for modules traced from now on."""
+    global _conv_impl
+    if name not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {name!r}")
+    _conv_impl = name
+
+
+def conv_impl() -> str:
+    """The implementation in use ("xla" or "split_wgrad"), "auto" resolved by backend."""
+    if _conv_impl not in CONV_IMPLS:
+        raise ValueError(f"DPDM_CONV_IMPL must be one of {CONV_IMPLS}, got {_conv_impl!r}")
+    if _conv_impl == "auto":
+        return "split_wgrad" if jax.default_backend() == "cpu" else "xla"
+    return _conv_impl
+
+
+def _conv(x, w, padding):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DIMS)
+
+
+def _weight_grad_rows(x, g, w, padding):
+    """d/dw of sum(g * conv(x, w)) for rows x (N, H, W, C): a sum over groups of rows.
+
+    w is only the linearisation point (its value is unused): it gives the result w's type,
+    which inside shard_map includes its device-varying axes.
+    """
+    n = x.shape[0]
+    row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
+    group = max(1, min(n, WGRAD_GROUP_BYTES // row_bytes))
+    total = None
+    for start in range(0, n, group):
+        rows = slice(start, min(n, start + group))
+        _, vjp = jax.vjp(lambda w_: _conv(x[rows], w_, padding), w)
+        part = vjp(g[rows])[0]
+        total = part if total is None else total + part
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grad_fn(padding):
+    """_weight_grad_rows whose vmap is a loop over the mapped axis (one gradient per example)."""
+
+    @custom_batching.custom_vmap
+    def weight_grad(x, g, w):
+        return _weight_grad_rows(x, g, w, padding)
+
+    @weight_grad.def_vmap
+    def _batched(axis_size, in_batched, x, g, w):
+        x, g, w = (a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                   for a, batched in zip((x, g, w), in_batched))
+        return jnp.stack([weight_grad(x[i], g[i], w[i]) for i in range(axis_size)]), True
+
+    return weight_grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _split_wgrad_conv(x, w, padding):
+    return _conv(x, w, padding)
+
+
+def _split_wgrad_fwd(x, w, padding):
+    return _conv(x, w, padding), (x, w)
+
+
+def _split_wgrad_bwd(padding, residuals, g):
+    x, w = residuals
+    _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, padding), x)
+    return vjp_x(g)[0], _weight_grad_fn(padding)(x, g, w)
+
+
+_split_wgrad_conv.defvjp(_split_wgrad_fwd, _split_wgrad_bwd)
+
+
+def split_wgrad_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                     rhs_dilation=None, dimension_numbers=None,
+                                     feature_group_count=1, precision=None, **unused):
+    """Drop-in for lax.conv_general_dilated as nn.Conv calls it (stride 1, NHWC/HWIO only)."""
+    ones = lambda v: v is None or all(int(d) == 1 for d in v)
+    if not (ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
+            and feature_group_count == 1 and lhs.ndim == 4):
+        raise NotImplementedError("split_wgrad supports plain stride-1 2-D convolutions only")
+    if dimension_numbers is not None:
+        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS):
+            raise NotImplementedError(f"split_wgrad expects NHWC/HWIO, got {dimension_numbers}")
+    if not isinstance(padding, str):
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _split_wgrad_conv(lhs, rhs, padding)
+
+
+def _conv_fn():
+    return split_wgrad_conv_general_dilated if conv_impl() == "split_wgrad" else None
+
+
 def conv3x3(features: int, init=default_init, name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (3, 3), padding="SAME", kernel_init=init, bias_init=zeros, name=name)
+    return nn.Conv(features, (3, 3), padding="SAME", kernel_init=init, bias_init=zeros, name=name,
+                   conv_general_dilated=_conv_fn())
 
 
 def conv1x1(features: int, init=default_init, name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (1, 1), kernel_init=init, bias_init=zeros, name=name)
+    return nn.Conv(features, (1, 1), kernel_init=init, bias_init=zeros, name=name,
+                   conv_general_dilated=_conv_fn())
 
 
 def downsample(x: jnp.ndarray) -> jnp.ndarray:
