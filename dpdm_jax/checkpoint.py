@@ -3,18 +3,53 @@
 orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-write leaves the previous checkpoint intact. A checkpoint that fails to restore
 (truncated or corrupt files) is reported and the previous good one is used.
+
+orbax does not checksum array data: a flipped bit in a data file restores silently as a wrong
+number. So every checkpoint also stores SHA-256 digests of its state and of its metadata, and
+`restore` refuses a checkpoint whose files do not reproduce them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+_INTEGRITY = "_integrity"  # metadata key holding the digests (removed again on restore)
+
 
 class CheckpointError(RuntimeError):
-    """No checkpoint in a directory could be restored."""
+    """A checkpoint is corrupt, or no checkpoint in a directory could be restored."""
+
+
+def _host_array(x) -> np.ndarray | None:
+    """A leaf's full value on this host, or None if this host does not hold all of it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            return None
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def state_digest(state: Any) -> str | None:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (None: the state is not all on this host)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        a = _host_array(leaf)
+        if a is None:
+            return None
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _metadata_digest(metadata: dict) -> str:
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 
 
 class Checkpointer:
@@ -38,26 +73,52 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
-        """Blocking save: when this returns, the checkpoint is complete on disk."""
+        """Blocking save: when this returns, the checkpoint is complete on disk.
+
+        A checkpoint already at `step` can only be one that failed to restore (a resumed run
+        starts after the newest good one and replays the later steps bit for bit): it is replaced.
+        """
+        if step in self._manager.all_steps():
+            logging.warning("Replacing checkpoint %d in %s (it could not be restored; the run replayed "
+                            "its steps from an earlier checkpoint).", step, self.directory)
+            self._manager.delete(step)
+        integrity = {"metadata_sha256": _metadata_digest(metadata), "state_sha256": state_digest(state)}
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    metadata=ocp.args.JsonSave({**metadata, _INTEGRITY: integrity})),
             force=True,
         )
         self._manager.wait_until_finished()
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+        """(state, metadata) of `step`; raises CheckpointError if its digests do not match."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target_state), metadata=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], dict(restored["metadata"])
+        state, (metadata, integrity) = restored["state"], self._checked_metadata(step, restored["metadata"])
+        expected = integrity.get("state_sha256")
+        if expected is not None and state_digest(state) not in (None, expected):
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: the state's SHA-256 does not match "
+                                  "the one recorded at save time (corrupt data files)")
+        return state, metadata
 
     def restore_metadata(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        return dict(restored["metadata"])
+        return self._checked_metadata(step, restored["metadata"])[0]
+
+    def _checked_metadata(self, step: int, raw) -> tuple[dict, dict]:
+        metadata = dict(raw)
+        integrity = metadata.pop(_INTEGRITY, None)  # absent in checkpoints written before digests
+        if integrity is None:
+            return metadata, {}
+        if _metadata_digest(metadata) != integrity.get("metadata_sha256"):
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: the metadata's SHA-256 does not "
+                                  "match the one recorded at save time (corrupt metadata file)")
+        return metadata, integrity
 
     def restore_latest(self, target_state: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores cleanly, or None if the directory has none.
@@ -66,16 +127,17 @@ class Checkpointer:
           CheckpointError: checkpoints exist but none of them can be restored.
         """
         steps = self.all_steps()
-        errors = []
         for step in reversed(steps):
             try:
                 return self.restore(step, target_state)
             except Exception as e:  # orbax raises many types for corrupt data
                 logging.warning("Checkpoint %d in %s cannot be restored (%s: %s); trying an older one.",
                                 step, self.directory, type(e).__name__, e)
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
         if steps:
-            raise CheckpointError(f"No checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} could be restored (steps {steps} are all corrupt or "
+                "incompatible with this config; the warnings above say why). Restore a backup, or move "
+                "the directory away to start a new run.")
         return None
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -69,35 +70,139 @@ def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
     return ImageSpec(size, channels, classes if config.data.conditional else None)
 
 
+def _int(name: str, value, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+          hi_open: bool = False) -> float:
+    """A finite real number in the interval [lo, hi] (an end is excluded if *_open)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+        interval = f"{'(' if lo_open or lo == -math.inf else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return v
+
+
+def _choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks that need no data and no compute: fail before anything expensive starts."""
-    image_spec(config)
-    if config.diffusion.parameterisation not in PARAMETERISATIONS:
-        raise ValueError(f"diffusion.parameterisation must be one of {PARAMETERISATIONS}, "
-                         f"got {config.diffusion.parameterisation!r}")
-    if config.sampling.sampler not in SAMPLERS:
-        raise ValueError(f"sampling.sampler must be one of {SAMPLERS}, got {config.sampling.sampler!r}")
-    k = config.diffusion.noise_multiplicity
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"diffusion.noise_multiplicity K must be an integer >= 1, got {k!r}")
-    if not 0 <= config.diffusion.label_dropout < 1:
-        raise ValueError(f"diffusion.label_dropout must be in [0, 1), got {config.diffusion.label_dropout}")
-    if config.model.dropout != 0:
+    """Checks that need no data and no compute: fail before anything expensive starts.
+
+    Every field the trainer reads is checked for type and range; errors are TypeError/ValueError
+    naming the field. (The data-dependent checks, delta < 1/N, run in make_ledger.)
+    """
+    _int("seed", config.seed, -1)
+    if config.seed >= 2**62:
+        raise ValueError(f"seed must be -1 (secret) or in [0, 2**62), got {config.seed}")
+    d = config.data
+    names = sorted(DATASET_INFO) + ["synthetic"]
+    if not isinstance(d.name, str) or d.name not in names:
+        raise ValueError(f"Unknown dataset {d.name!r} (data.name); choose one of {names}")
+    _bool("data.conditional", d.conditional)
+    _int("data.max_examples", d.max_examples, 0)
+    if not isinstance(d.data_dir, str):
+        raise TypeError(f"data.data_dir must be a string, got {type(d.data_dir).__name__} {d.data_dir!r}")
+    if d.name == "synthetic":
+        for field in ("synthetic_size", "synthetic_image_size", "synthetic_channels"):
+            _int(f"data.{field}", d[field], 1)
+        if _int("data.synthetic_num_classes", d.synthetic_num_classes, 0) == 0 and d.conditional:
+            raise ValueError("data.conditional=True but data.synthetic_num_classes=0 (no class labels); "
+                             "set data.conditional=False")
+    spec = image_spec(config)
+
+    m = config.model
+    _int("model.nf", m.nf, 1)
+    _int("model.num_res_blocks", m.num_res_blocks, 1)
+    if not isinstance(m.ch_mult, (tuple, list)) or not m.ch_mult:
+        raise TypeError(f"model.ch_mult must be a non-empty tuple of integers, got {m.ch_mult!r}")
+    for i, mult in enumerate(m.ch_mult):
+        _int(f"model.ch_mult[{i}]", mult, 1)
+    if not isinstance(m.attn_resolutions, (tuple, list)):
+        raise TypeError(f"model.attn_resolutions must be a tuple of integers, got {m.attn_resolutions!r}")
+    for i, res in enumerate(m.attn_resolutions):
+        _int(f"model.attn_resolutions[{i}]", res, 1)
+    if spec.image_size % 2 ** (len(m.ch_mult) - 1):
+        raise ValueError(f"image size {spec.image_size} must be divisible by 2**(len(model.ch_mult) - 1) = "
+                         f"{2 ** (len(m.ch_mult) - 1)} (model.ch_mult={tuple(m.ch_mult)})")
+    if _real("model.dropout", m.dropout) != 0:
         raise ValueError("model.dropout must be 0 (DPDM trains without dropout)")
+
+    _choice("diffusion.parameterisation", config.diffusion.parameterisation, PARAMETERISATIONS)
+    _int("diffusion.noise_multiplicity K", config.diffusion.noise_multiplicity, 1)
+    _real("diffusion.label_dropout", config.diffusion.label_dropout, 0, 1, hi_open=True)
+
+    dp = config.dp
+    _real("dp.epsilon", dp.epsilon, 0, lo_open=True)
+    _real("dp.delta", dp.delta, 0, 1, lo_open=True, hi_open=True)
+    _real("dp.clip_norm", dp.clip_norm, 0, lo_open=True)
+    _int("dp.batch_size", dp.batch_size, 1)
+    _real("dp.epochs", dp.epochs, 0, lo_open=True)
+    _choice("dp.accountant", dp.accountant, ("rdp", "pld"))
+    _real("dp.noise_multiplier (< 0: calibrate from epsilon)", dp.noise_multiplier)
+    _bool("dp.allow_delta_above_1_over_n", dp.allow_delta_above_1_over_n)
+
+    o = config.optim
+    _real("optim.learning_rate", o.learning_rate, 0, lo_open=True)
+    _real("optim.b1", o.b1, 0, 1, hi_open=True)
+    _real("optim.b2", o.b2, 0, 1, hi_open=True)
+    _real("optim.eps", o.eps, 0)
+    _real("optim.ema_max_decay", o.ema_max_decay, 0, 1)
+
     t = config.training
     n_dev = jax.device_count()
-    if t.chunk_size < 1 or t.chunk_size % n_dev:
+    _int("training.chunk_size", t.chunk_size, 1)
+    if t.chunk_size % n_dev:
         raise ValueError(f"training.chunk_size={t.chunk_size} must be a positive multiple of the "
                          f"device count {n_dev}")
-    if t.microbatch_size < 0 or (t.microbatch_size and (t.chunk_size // n_dev) % t.microbatch_size):
+    _int("training.microbatch_size", t.microbatch_size, 0)
+    if t.microbatch_size and (t.chunk_size // n_dev) % t.microbatch_size:
         raise ValueError(f"training.microbatch_size={t.microbatch_size} must divide the per-device "
                          f"chunk {t.chunk_size // n_dev}")
-    if config.dp.accountant not in ("rdp", "pld"):
-        raise ValueError(f"dp.accountant must be 'rdp' or 'pld', got {config.dp.accountant!r}")
-    if not isinstance(config.dp.batch_size, int) or config.dp.batch_size < 1:
-        raise ValueError(f"dp.batch_size must be a positive integer, got {config.dp.batch_size!r}")
-    if not config.dp.epochs > 0:
-        raise ValueError(f"dp.epochs must be > 0, got {config.dp.epochs}")
+    _int("training.max_steps", t.max_steps)
+    _int("training.log_every", t.log_every, 1)
+    _int("training.checkpoint_every", t.checkpoint_every, 1)
+    _int("training.keep_checkpoints", t.keep_checkpoints, 1)
+    if _int("training.sample_every", t.sample_every) >= 0:
+        _int("training.num_grid_samples", t.num_grid_samples, 1)
+    if _int("training.fid_every", t.fid_every) > 0:
+        _int("training.fid_num_samples", t.fid_num_samples, 2)
+
+    s = config.sampling
+    _choice("sampling.sampler", s.sampler, SAMPLERS)
+    _int("sampling.num_steps", s.num_steps, 1)
+    _real("sampling.guidance_weight", s.guidance_weight)
+    _real("sampling.s_churn", s.s_churn, 0)
+    _real("sampling.s_min", s.s_min, 0)
+    _real("sampling.s_max", s.s_max, 0)
+    _real("sampling.s_noise", s.s_noise, 0)
+    _int("sampling.num_samples", s.num_samples, 1)
+    _int("sampling.batch_size", s.batch_size, 1)
+    _int("sampling.checkpoint_step", s.checkpoint_step, -1)
+    if s.labels not in ("balanced", "uniform"):
+        label = s.labels
+        if isinstance(label, str) and label.strip().isdigit():
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0 or (
+                spec.num_classes is not None and label >= spec.num_classes):
+            raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index in "
+                             f"[0, {spec.num_classes}), got {s.labels!r}")
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> Dataset:

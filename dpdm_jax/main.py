@@ -1,8 +1,14 @@
-"""Entry point: python -m dpdm_jax.main --config=configs/mnist.py:eps1 --workdir=DIR --mode=train|sample|eval"""
+"""Entry point: python -m dpdm_jax.main --config=configs/mnist.py:eps1 --workdir=DIR --mode=train|sample|eval
+
+User errors (a bad config or flag, missing or corrupt data, no restorable checkpoint) end the run
+with exit status 2 and one `error: ...` line on stderr; --verbosity=1 also logs the traceback.
+"""
 from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,6 +21,22 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _user_error(e: BaseException, message: str | None = None) -> None:
+    logging.vlog(1, "".join(traceback.format_exception(e)))
+    print(f"error: {message or e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's parser, with the config file's and overrides' errors reported as user errors."""
+    try:
+        args = app.parse_flags_with_usage(argv)
+        FLAGS.config.keys()  # a config file that failed to load raises only when first used
+        return args
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # e.g. --config.no_such_field=1
+        _user_error(e, f"bad --config file or override: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -35,12 +57,20 @@ def main(argv):
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("JAX %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
                  jax.devices()[0].platform)
-    config, workdir = FLAGS.config, FLAGS.workdir
-    if FLAGS.mode == "train":
+    from dpdm_jax.checkpoint import CheckpointError
+
+    try:  # DataError is a ValueError
+        _run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
+        _user_error(e)
+
+
+def _run(mode, config, workdir):
+    if mode == "train":
         from dpdm_jax import train
 
         train.train(config, workdir)
-    elif FLAGS.mode == "sample":
+    elif mode == "sample":
         from dpdm_jax import sample
 
         sample.run(config, workdir)
@@ -51,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

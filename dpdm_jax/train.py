@@ -153,9 +153,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     t = config.training
 
     def save(step):
-        ckpt.save(step, state, _metadata(config, ledger, step, seed))
+        # Ledger file first: a crash between the two writes leaves it ahead of the checkpoints, never behind.
         if is_chief:
             ledger.save(os.path.join(workdir, "privacy_ledger.json"))
+        ckpt.save(step, state, _metadata(config, ledger, step, seed))
 
     def write_grid(step):
         key = jax.random.fold_in(grid_key, step)
