@@ -43,7 +43,7 @@ class _QuietOrbax(std_logging.Filter):
     """orbax logs every file of every save at INFO; keep its warnings, drop the chatter."""
 
     def filter(self, record):
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array, Optional[Array]], Array]
@@ -310,6 +311,7 @@ def sample_images(denoise_fn: DenoiseFn, key: Array, num_samples: int, batch_siz
                      -1.0, 1.0)
         if pending is not None:  # fetch the previous batch while this one runs
             outputs.append(np.asarray(pending))
+            logging.info("sampled %d/%d images", len(outputs) * batch_size, num_samples)
         pending = x
     outputs.append(np.asarray(pending))
     images = np.concatenate(outputs)[:num_samples].astype(np.float32)
