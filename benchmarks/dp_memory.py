@@ -27,24 +27,9 @@ import subprocess
 import sys
 import time
 
+from proc_memory import reset_peak, status_kib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(cfg):
@@ -85,12 +70,12 @@ def worker(cfg):
     state, _ = step_fn(state, chunks(chunk), jax.random.key(0), 0)  # compiles accumulate + update
     jax.block_until_ready(state.params)
     out = {"chunk": chunk, "k": k, "rows_per_chunk": chunk * k, "compile_and_first_step_s": round(time.perf_counter() - t0, 1),
-           "peak_rss_incl_compile_mb": round(_status_kib("VmHWM") / 1024), "steps": []}
+           "peak_rss_incl_compile_mb": round(status_kib("VmHWM") / 1024), "steps": []}
     step = 1
     for batch in cfg["batches"]:
         jax.block_until_ready(state.params)
-        reset = _reset_peak()
-        rss_before = _status_kib("VmRSS")
+        reset = reset_peak()
+        rss_before = status_kib("VmRSS")
         t = time.perf_counter()
         n_chunks = math.ceil(batch / chunk)
         state, stats = step_fn(state, _progress(chunks(batch), n_chunks, batch), jax.random.key(0), step)
@@ -100,7 +85,7 @@ def worker(cfg):
         out["steps"].append({
             "logical_batch": batch, "chunks": n_chunks, "rows": batch * k, "step_s": round(wall, 2),
             "s_per_chunk": round(wall / n_chunks, 3), "rows_per_s": round(batch * k / wall, 2),
-            "rss_before_mb": round(rss_before / 1024), "peak_rss_mb": round(_status_kib("VmHWM") / 1024),
+            "rss_before_mb": round(rss_before / 1024), "peak_rss_mb": round(status_kib("VmHWM") / 1024),
             "peak_reset": reset, "examples_seen": float(stats.num_examples)})
         print(json.dumps(out["steps"][-1]), file=sys.stderr, flush=True)
     print("RESULT " + json.dumps(out), flush=True)

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from proc_memory import status_kib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("jax_nonprivate", "jax_dp", "torch_nonprivate", "opacus_dp")
 # A JAX part may carry a convolution implementation (models/layers.py): jax_dp@xla, ...
@@ -41,14 +43,6 @@ NETWORKS = {
     "small": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,)),
 }
 SIGMA, CLIP, LR, LABEL_DROPOUT = 2.488, 1.0, 3e-4, 0.1  # the paper's MNIST epsilon=10 recipe
-
-
-def vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
 
 
 # ----------------------------------------------------------------------------- JAX workers
@@ -221,11 +215,11 @@ def worker(cfg):
     if cfg["part"] == "port_check":
         print("RESULT " + json.dumps(port_check(cfg)), flush=True)
         return
-    rss_start = vm_kib("VmRSS")
+    rss_start = status_kib("VmRSS")
     setup = jax_setup if cfg["part"].startswith("jax") else torch_setup
     t0 = time.perf_counter()
     run, info = setup(cfg)
-    rss_setup = vm_kib("VmRSS")
+    rss_setup = status_kib("VmRSS")
     t1 = time.perf_counter()
     run()  # compiles (JAX) / first call
     compile_s = time.perf_counter() - t1
@@ -239,7 +233,7 @@ def worker(cfg):
         t = time.perf_counter()
         run()
         print(f"TIME {time.perf_counter() - t:.6f}", flush=True)
-    print("RESULT " + json.dumps({"peak_rss_mb": round(vm_kib("VmHWM") / 1024)}), flush=True)
+    print("RESULT " + json.dumps({"peak_rss_mb": round(status_kib("VmHWM") / 1024)}), flush=True)
 
 
 # ------------------------------------------------------------------------------- parent
