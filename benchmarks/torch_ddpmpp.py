@@ -28,9 +28,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / max(half - 1, 1))
     args = t.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
 class ResBlock(nn.Module):

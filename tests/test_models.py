@@ -144,3 +144,43 @@ def test_dropout_only_in_training(cond):
     train = jax.jit(lambda p, k: model.apply(p, x, noise, labels, train=True, rngs={"dropout": k}))
     tr = train(params, jax.random.key(3, impl="rbg"))
     assert tr.shape == ev.shape and not np.allclose(tr, ev)
+
+
+def test_initialisations_match_the_reference_network():
+    """Each layer kind starts at the reference DDPM++'s scale, not just with its shapes.
+
+    Label table N(0, 1) (PyTorch nn.Embedding; Flax's default std 1/sqrt(nf) made the label ~5x
+    weaker than the noise embedding it is added to), attention q/k/v Xavier-uniform at scale 0.1,
+    ordinary convs and dense layers Xavier-uniform at scale 1, zero-init branch ends ~1e-5.
+    """
+    model = DDPMpp(image_size=8, in_channels=1, num_classes=999, nf=32, ch_mult=(1, 2),
+                   num_res_blocks=1, attn_resolutions=(4,))
+    x, noise = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,))
+    params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, noise, jnp.zeros((1,), jnp.int32))["params"]
+
+    def xavier_std(kernel, scale):
+        fan_in, fan_out = math.prod(kernel.shape[:-1]), math.prod(kernel.shape[:-2]) * kernel.shape[-1]
+        return math.sqrt(2 * scale / (fan_in + fan_out))
+
+    table = np.asarray(params["label_embed"]["embedding"])
+    assert table.shape == (1000, 32) and abs(table.std() - 1.0) < 0.03 and abs(table.mean()) < 0.03
+    for name in ("q", "k", "v"):
+        kernel = np.asarray(params["mid_attn"][name]["kernel"])
+        np.testing.assert_allclose(kernel.std(), xavier_std(kernel, 0.1), rtol=0.1)
+    for module, name in (("conv_in", None), ("emb_dense0", None), ("down0_res0", "conv0"),
+                         ("down0_res0", "emb_proj")):
+        kernel = np.asarray((params[module][name] if name else params[module])["kernel"])
+        np.testing.assert_allclose(kernel.std(), xavier_std(kernel, 1.0), rtol=0.1)
+    for module, name in (("down0_res0", "conv1"), ("mid_attn", "out"), ("conv_out", None)):
+        kernel = np.asarray((params[module][name] if name else params[module])["kernel"])
+        assert kernel.std() < 1e-4 * xavier_std(kernel, 1.0)
+
+
+def test_sinusoidal_embedding_frequencies_span_one_to_one_over_max_period():
+    from dpdm_jax.models.layers import sinusoidal_embedding
+
+    t = jnp.array([0.3, -1.7])
+    emb = np.asarray(sinusoidal_embedding(t, 8, 10000.0))
+    freqs = 10000.0 ** -(np.arange(4) / 3)  # 1 ... 1e-4, both ends included
+    np.testing.assert_allclose(emb, np.concatenate([np.sin(np.outer(t, freqs)), np.cos(np.outer(t, freqs))], 1),
+                               rtol=1e-5, atol=1e-6)

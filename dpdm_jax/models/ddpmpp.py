@@ -19,6 +19,7 @@ from dpdm_jax.models.layers import (
     conv3x3,
     default_init,
     group_norm,
+    label_embedding_init,
     near_zero_init,
     sinusoidal_embedding,
     zeros,
@@ -61,7 +62,10 @@ class DDPMpp(nn.Module):
         if self.num_classes is not None:
             if class_labels is None:
                 class_labels = jnp.full((b,), self.num_classes, jnp.int32)
-            table = nn.Embed(self.num_classes + 1, nf, name="label_embed")
+            # N(0, 1) rows, as PyTorch's nn.Embedding in the reference network: Flax's default
+            # (std 1/sqrt(nf)) made the label ~5x weaker than the noise embedding it is added to.
+            table = nn.Embed(self.num_classes + 1, nf, embedding_init=label_embedding_init,
+                             name="label_embed")
             emb = emb + table(class_labels.astype(jnp.int32))
         emb = nn.Dense(4 * nf, kernel_init=default_init, bias_init=zeros, name="emb_dense0")(emb)
         emb = nn.Dense(4 * nf, kernel_init=default_init, bias_init=zeros,

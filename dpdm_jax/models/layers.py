@@ -20,6 +20,10 @@ from jax import custom_batching, lax
 # head), so every block starts close to a (scaled) identity map.
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 near_zero_init = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
+# Attention's q, k, v projections: the reference network's 1x1 "NIN" layers default to scale 0.1.
+attn_qkv_init = nn.initializers.variance_scaling(0.1, "fan_avg", "uniform")
+# Class-label table: standard normal rows (PyTorch's nn.Embedding default, as in the reference).
+label_embedding_init = nn.initializers.normal(1.0)
 zeros = nn.initializers.zeros
 
 
@@ -171,13 +175,14 @@ def upsample(x: jnp.ndarray) -> jnp.ndarray:
 def sinusoidal_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
     """Transformer-style sinusoidal embedding of scalars.
 
-    t: (B,) float -> (B, dim): [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i/(dim/2)),
-    i = 0 .. dim/2 - 1. dim must be even. No parameters.
+    t: (B,) float -> (B, dim): [sin(t * f_i), cos(t * f_i)] with f_i = max_period^(-i/(dim/2 - 1)),
+    i = 0 .. dim/2 - 1, so the frequencies run from 1 down to exactly 1/max_period (as in the
+    reference network). dim must be even and >= 4. No parameters.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
 class ResBlock(nn.Module):
@@ -221,6 +226,7 @@ class AttnBlock(nn.Module):
 
     x: (B, H, W, C) -> (B, H, W, C). GN, then 1x1 projections q, k, v (each C*C + C params),
     softmax(q k^T / sqrt(C)) v, 1x1 output projection (near-zero init), out = (x + h) / sqrt(2).
+    q, k, v start at Xavier-uniform scale 0.1 (the reference's NIN default), the output near zero.
     """
 
     @nn.compact
@@ -228,7 +234,7 @@ class AttnBlock(nn.Module):
         b, hh, ww, c = x.shape
         h = group_norm(c, name="norm")(x)
         # A Dense on the channel axis is exactly a 1x1 convolution.
-        proj = lambda name, init=default_init: nn.Dense(c, kernel_init=init, bias_init=zeros, name=name)
+        proj = lambda name, init=attn_qkv_init: nn.Dense(c, kernel_init=init, bias_init=zeros, name=name)
         q = proj("q")(h).reshape(b, hh * ww, c)
         k = proj("k")(h).reshape(b, hh * ww, c)
         v = proj("v")(h).reshape(b, hh * ww, c)
