@@ -99,8 +99,14 @@ def label_accuracy(images, labels, classifier, num_classes: Optional[int] = None
 def recipe(dataset: str, train_images: np.ndarray, num_classes: int, kind: str = "cnn",
            epochs: int = DEFAULT_EPOCHS, learning_rate: float = DEFAULT_LEARNING_RATE,
            batch_size: int = 128, seed: int = 0, val_fraction: float = 0.1,
-           cnn_padding: str = "VALID") -> dict:
-    """Everything that determines the trained weights (and so the cache key)."""
+           cnn_padding: Optional[str] = None) -> dict:
+    """Everything that determines the trained weights (and so the cache key).
+
+    ``cnn_padding`` None: 'VALID' (the reference CNN) for images of at least 18x18, else 'SAME'
+    (three unpadded 3x3 convs and two pools leave nothing of a smaller image).
+    """
+    if cnn_padding is None:
+        cnn_padding = "VALID" if min(np.shape(train_images)[1:3]) >= 18 else "SAME"
     return dict(format=CACHE_FORMAT, dataset=dataset, split="train", num_train=int(len(train_images)),
                 image_shape=[int(d) for d in np.shape(train_images)[1:]], num_classes=int(num_classes),
                 kind=kind, epochs=int(epochs), learning_rate=float(learning_rate),
@@ -190,15 +196,24 @@ def get_label_classifier(dataset: str, train=None, test=None, data_dir: Optional
 
 
 def conditional_metrics(images, labels, dataset: str, classifier=None, data_dir: Optional[str] = None,
-                        cache_dir: Optional[str] = None, **recipe_kw) -> dict:
+                        cache_dir: Optional[str] = None, kid_reference: Optional[np.ndarray] = None,
+                        kid_extractor=None, seed: int = 0, **recipe_kw) -> dict:
     """Metrics of class-conditional uint8 samples for the training log / eval report.
 
     {"label_accuracy": label_accuracy(...)} with the cached classifier of ``dataset`` (trained on
-    first use, a few CPU minutes for MNIST) unless ``classifier`` is given.
+    first use: several CPU minutes for MNIST) unless ``classifier`` is given; with
+    ``kid_reference`` features (``kid.reference_features``) and ``kid_extractor`` (an
+    ``InceptionFeatureExtractor``) also "kid": ``kid.kid_of_images(...)``. Both are outside the DP
+    guarantee (statistics of the private training set).
     """
     classifier = classifier or get_label_classifier(dataset, data_dir=data_dir, cache_dir=cache_dir,
                                                     **recipe_kw)
-    return {"label_accuracy": label_accuracy(images, labels, classifier)}
+    out = {"label_accuracy": label_accuracy(images, labels, classifier)}
+    if kid_reference is not None and kid_extractor is not None:
+        from dpdm_jax.evaluation import kid  # noqa: PLC0415
+
+        out["kid"] = kid.kid_of_images(images, kid_reference, kid_extractor, seed=seed)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
