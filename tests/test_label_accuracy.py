@@ -117,3 +117,20 @@ def test_cached_mnist_classifier_reaches_97_percent_on_the_real_test_set():
           f"{time.time() - t0:.0f} s")
     assert measured == pytest.approx(clf.test_accuracy, abs=1e-6)
     assert measured >= 0.97
+
+
+def test_conditional_metrics_for_the_training_log():
+    labels = np.array([0, 1, 2, 3, 0, 1], np.int32)
+    images = _images_with_answers([0, 1, 2, 3, 1, 1])
+    r = la.conditional_metrics(images, labels, "toy", classifier=_PixelClassifier())
+    assert set(r) == {"label_accuracy"} and r["label_accuracy"]["overall"] == pytest.approx(5 / 6)
+
+    def flat(u8):
+        return u8.reshape(len(u8), -1).astype(np.float32)
+
+    r = la.conditional_metrics(images, labels, "toy", classifier=_PixelClassifier(),
+                               kid_reference=flat(images), kid_extractor=flat)
+    assert r["kid"]["num_samples"] == 6 and r["kid"]["num_reference"] == 6
+    from dpdm_jax.evaluation import kid
+
+    assert r["kid"] == kid.kid(flat(images), flat(images), seed=0)
