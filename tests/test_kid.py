@@ -102,12 +102,12 @@ def test_subset_protocol_and_errors():
     assert r["se"] == pytest.approx(r["subset_std"] / np.sqrt(20))
     assert kid.kid(x, y, num_subsets=20, seed=1) == r  # deterministic in the seed
     assert kid.kid(x, y, num_subsets=20, seed=2)["mean"] != r["mean"]
-    # The per-subset path (large sets) equals the precomputed-kernel path.
+    # Per-subset kernels (large sets), or only K(X,X) precomputed, equal precomputed kernels.
     small = kid.kid(x, y, num_subsets=7, max_subset_size=10, seed=3)
     limit = kid._PRECOMPUTE_MAX_ENTRIES
     try:
-        kid._PRECOMPUTE_MAX_ENTRIES = 0
-        assert kid.kid(x, y, num_subsets=7, max_subset_size=10, seed=3) == pytest.approx(small)
+        for kid._PRECOMPUTE_MAX_ENTRIES in (0, 30 * 30):
+            assert kid.kid(x, y, num_subsets=7, max_subset_size=10, seed=3) == pytest.approx(small)
     finally:
         kid._PRECOMPUTE_MAX_ENTRIES = limit
     for bad in ((x[:1], y), (x, y[:, :2]), (x[0], y)):
@@ -136,3 +136,48 @@ def test_reference_features_are_cached_by_count(tmp_path):
         kid.reference_features("toy", "train", 41, **kw)
     r = kid.kid_of_images(images[30:], f, extractor, num_subsets=3)
     assert r["num_samples"] == 10 and r["num_reference"] == 30
+
+
+def test_eval_report_kid_and_label_accuracy_on_the_tiny_config(tmp_path, monkeypatch):
+    """report.compute_kid / compute_label_accuracy wiring (flat pixels stand in for Inception)."""
+    from configs import test_tiny
+    from dpdm_jax import experiment
+    from dpdm_jax.evaluation import inception, report
+
+    class Flat:
+        def __init__(self, **_):
+            pass
+
+        def __call__(self, u8):
+            return np.asarray(u8).reshape(len(u8), -1).astype(np.float32)
+
+    monkeypatch.setattr(inception, "InceptionFeatureExtractor", Flat)
+    config = test_tiny.get_config()
+    config.eval.label_classifier_epochs = 1
+    config.eval.kid_num_subsets = 5
+    train = experiment.load_training_data(config)
+    r = report.compute_kid(config, train.images[:20], str(tmp_path))
+    assert (r["num_samples"], r["num_reference"], r["num_subsets"]) == (20, len(train.images), 5)
+    assert list((tmp_path / "fid_stats").glob("kid_features_synthetic_train_n*.npz"))
+    # The label classifier: trained on the run's (synthetic) train set, cached inside the run.
+    from dpdm_jax.evaluation import label_accuracy
+
+    asked = {}
+
+    class Constant:
+        num_classes, test_accuracy = 3, 0.9
+
+        def predict(self, images):
+            return np.zeros(len(images), np.int32)
+
+    def fake_get(dataset, **kw):
+        asked.update(kw, dataset=dataset)
+        return Constant()
+
+    monkeypatch.setattr(label_accuracy, "get_label_classifier", fake_get)
+    la = report.compute_label_accuracy(config, train.images, train.labels, str(tmp_path))
+    assert asked["dataset"] == "synthetic" and asked["epochs"] == 1
+    assert len(asked["train"].images) == len(train.images) and asked["test"] is not None
+    assert asked["cache_dir"] == str(tmp_path / "label_classifier")
+    assert la["overall"] == pytest.approx(np.mean(train.labels == 0))
+    assert la["classifier_test_accuracy"] == 0.9 and "PRIVATE" in la["outside_dp_guarantee"]

@@ -38,7 +38,7 @@ FEATURES_FORMAT = "dpdm_jax-kid-features-v1"
 DEFAULT_REFERENCE_IMAGES = 2000
 OUTSIDE_DP = ("KID compares with Inception features of (a subset of) the PRIVATE training set, not "
               "privatised: the KID value is outside the (epsilon, delta) guarantee.")
-_PRECOMPUTE_MAX_ENTRIES = 3 * 10**7  # full kernel matrices up to ~240 MB, else per subset
+_PRECOMPUTE_MAX_ENTRIES = 10**7  # a whole kernel matrix up to 80 MB (float64), else per subset
 
 
 def polynomial_kernel(x, y, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
@@ -72,18 +72,19 @@ def kid(features1, features2, num_subsets: int = 100, max_subset_size: int = 100
     if s < 2 or num_subsets < 1:
         raise ValueError(f"need >= 2 feature vectors per set and >= 1 subset (m={m}, n={n})")
     rng = np.random.default_rng(seed)
-    full = m * m + n * n + m * n <= _PRECOMPUTE_MAX_ENTRIES
-    if full:
-        kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    # A kernel matrix small enough is computed once and indexed per subset, else per subset
+    # (e.g. 60k samples vs 2k references: K(Y,Y) once, K(X,X) and K(X,Y) per subset).
+    pre = {key: polynomial_kernel(a, b) for key, a, b in (("xx", x, x), ("yy", y, y), ("xy", x, y))
+           if len(a) * len(b) <= _PRECOMPUTE_MAX_ENTRIES}
+
+    def block(key, a, b, i, j):
+        return pre[key][np.ix_(i, j)] if key in pre else polynomial_kernel(a[i], b[j])
+
     values = np.empty(num_subsets)
     for t in range(num_subsets):
         i, j = rng.choice(m, s, replace=False), rng.choice(n, s, replace=False)
-        if full:
-            values[t] = mmd2_unbiased(kxx[np.ix_(i, i)], kyy[np.ix_(j, j)], kxy[np.ix_(i, j)])
-        else:
-            xs, ys = x[i], y[j]
-            values[t] = mmd2_unbiased(polynomial_kernel(xs, xs), polynomial_kernel(ys, ys),
-                                      polynomial_kernel(xs, ys))
+        values[t] = mmd2_unbiased(block("xx", x, x, i, i), block("yy", y, y, j, j),
+                                  block("xy", x, y, i, j))
     std = float(values.std(ddof=1)) if num_subsets > 1 else float("nan")
     return dict(mean=float(values.mean()), se=std / np.sqrt(num_subsets), subset_std=std,
                 subset_size=int(s), num_subsets=int(num_subsets), num_samples=int(m),
