@@ -184,6 +184,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if _int("training.fid_every", t.fid_every) > 0:
         _int("training.fid_num_samples", t.fid_num_samples, 2)
 
+    ev = config.eval
+    _bool("eval.kid", ev.kid)
+    _int("eval.kid_reference_images", ev.kid_reference_images, 2)
+    _int("eval.kid_num_subsets", ev.kid_num_subsets, 2)
+    _bool("eval.label_accuracy", ev.label_accuracy)
+    _int("eval.label_classifier_epochs", ev.label_classifier_epochs, 1)
+
     s = config.sampling
     _choice("sampling.sampler", s.sampler, SAMPLERS)
     _int("sampling.num_steps", s.num_steps, 1)

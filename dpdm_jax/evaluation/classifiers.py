@@ -148,12 +148,14 @@ def train_and_evaluate(kind: str, train_images, train_labels, test_images, test_
                        learning_rate: float = 3e-4, val_fraction: float = 0.1,
                        num_classes: Optional[int] = None, eval_batch_size: int = 1000,
                        cnn_padding: str = "VALID",
-                       on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+                       on_epoch: Optional[Callable[[dict], None]] = None,
+                       return_params: bool = False) -> dict:
     """Train ``kind`` in {'logreg', 'mlp', 'cnn'} on 90% of the train set, select by the other 10%.
 
     Images are uint8 (N, H, W[, C]); labels integer (N,). ``seed`` is an int or a PRNG key (it
     drives init, dropout, shuffling; the split uses an int derived from it). Returns
-    dict(val_acc, test_acc, best_epoch (1-based), epochs, val_history, seconds).
+    dict(val_acc, test_acc, best_epoch (1-based), epochs, val_history, seconds); with
+    ``return_params`` also ``params``, the selected epoch's parameters (numpy), for ``predict``.
     """
     t_start = time.time()
     x_all, y_all = _as_nhwc_uint8(train_images), np.asarray(train_labels, np.int32)
@@ -216,6 +218,8 @@ def train_and_evaluate(kind: str, train_images, train_labels, test_images, test_
         history.append(val_acc)
         if val_acc > best["val_acc"]:
             best = dict(val_acc=val_acc, test_acc=accuracy(params, x_test, y_test), best_epoch=epoch)
+            if return_params:
+                best["params"] = jax.device_get(params)
         info = dict(kind=kind, epoch=epoch, loss=float(loss), val_acc=val_acc,
                     best_val_acc=best["val_acc"], best_test_acc=best["test_acc"],
                     best_epoch=best["best_epoch"], seconds=time.time() - t_start)
@@ -224,6 +228,31 @@ def train_and_evaluate(kind: str, train_images, train_labels, test_images, test_
         if on_epoch is not None:
             on_epoch(info)
     return dict(best, epochs=epochs, val_history=history, seconds=time.time() - t_start)
+
+
+def predict(kind: str, params, images, num_classes: int = 10, cnn_padding: str = "VALID",
+            batch_size: int = 1000) -> np.ndarray:
+    """Predicted int32 classes of uint8 images (N, H, W[, C]) by a ``kind`` model's ``params``."""
+    x = _as_nhwc_uint8(images)
+    if len(x) == 0:
+        return np.zeros(0, np.int32)
+    model = make_model(kind, num_classes, cnn_padding)
+    apply = _jitted_argmax(model)
+    bs = max(1, min(batch_size, len(x)))  # one batch shape: one compilation
+    idx, mask = _padded_batches(np.arange(len(x)), bs)
+    out = np.concatenate([np.asarray(apply(params, jnp.asarray(x[i]))) for i in idx])
+    return out[:len(x)].astype(np.int32)
+
+
+_ARGMAX_CACHE: dict = {}
+
+
+def _jitted_argmax(model: nn.Module):
+    """One jitted argmax(model.apply) per model definition (Flax modules hash by their fields)."""
+    if model not in _ARGMAX_CACHE:
+        _ARGMAX_CACHE[model] = jax.jit(
+            lambda p, xb: jnp.argmax(model.apply({"params": p}, _scale(xb), train=False), -1))
+    return _ARGMAX_CACHE[model]
 
 
 def evaluate_all(train_images, train_labels, test_images, test_labels, seed=0, epochs: int = 50,

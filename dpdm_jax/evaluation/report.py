@@ -52,6 +52,34 @@ def compute_fid(config, images: np.ndarray, workdir: str) -> float:
     return fid.fid_from_stats(fid.image_statistics(images, extractor), ref)
 
 
+def compute_kid(config, images: np.ndarray, workdir: str) -> dict:
+    """KID of the samples against the first eval.kid_reference_images train images (cached features)."""
+    from dpdm_jax.evaluation import inception, kid
+
+    extractor = inception.InceptionFeatureExtractor(path=config.eval.inception_weights or None,
+                                                    batch_size=config.eval.fid_batch_size)
+    train = experiment.load_training_data(config).images
+    cache_dir = os.path.join(workdir, "fid_stats") if config.data.name == "synthetic" else None
+    ref = kid.reference_features(config.data.name, "train", min(config.eval.kid_reference_images, len(train)),
+                                 images=train, extractor=extractor, cache_dir=cache_dir)
+    result = kid.kid_of_images(images, ref, extractor, seed=max(config.seed, 0),
+                               num_subsets=config.eval.kid_num_subsets)
+    return result | {"outside_dp_guarantee": kid.OUTSIDE_DP}
+
+
+def compute_label_accuracy(config, images: np.ndarray, labels: np.ndarray, workdir: str) -> dict:
+    """Label accuracy by the cached CNN trained on the full real train split (synthetic data: in the run)."""
+    from dpdm_jax.evaluation import label_accuracy as la
+
+    synthetic = config.data.name == "synthetic"
+    clf = la.get_label_classifier(
+        config.data.name, train=experiment.load_training_data(config) if synthetic else None,
+        test=_test_split(config) if synthetic else None, data_dir=config.data.data_dir or None,
+        cache_dir=os.path.join(workdir, "label_classifier") if synthetic else None,
+        epochs=config.eval.label_classifier_epochs)
+    return la.label_accuracy(images, labels, clf) | {"outside_dp_guarantee": la.OUTSIDE_DP}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluate the checkpoint of `workdir`; writes WORKDIR/eval/report_step<step>.json."""
     experiment.validate_config(config)
@@ -70,6 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "step": step,
         "dataset": config.data.name,
         "num_samples": n,
+        "fid_num_samples": n,
+        "fid_comparison": "FID is biased by the sample count: compare FIDs only at equal fid_num_samples "
+                          "and fid_reference_images (KID is unbiased, see kid).",
         "fid_reference_images": config.eval.fid_reference_images or "all of the train split",
         "sampler": sample.sampler_options(config)[1] | {"name": config.sampling.sampler,
                                                         "guidance_weight": config.sampling.guidance_weight},
@@ -83,6 +114,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report["fid"] = None
         report["fid_error"] = str(e)
         logging.warning("FID skipped: %s", e)
+    if config.eval.kid:
+        try:
+            report["kid"] = compute_kid(config, images, workdir)
+        except FileNotFoundError as e:
+            report["kid"] = None
+            report["kid_error"] = str(e)
+            logging.warning("KID skipped: %s", e)
+    if labels is not None and config.eval.label_accuracy:
+        report["label_accuracy"] = compute_label_accuracy(config, images, labels, workdir)
 
     if labels is not None and config.eval.classifiers:
         from dpdm_jax.evaluation import classifiers
@@ -92,6 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             images, labels, test.images, test.labels, seed=max(config.seed, 0),
             epochs=config.eval.classifier_epochs, kinds=tuple(config.eval.classifiers),
         )
+        for r in report["classifiers"].values():
+            r["num_synthetic_samples"] = n  # split 90/10 into train / validation
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
@@ -99,5 +141,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(path, "w") as f:
         json.dump(report, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     logging.info("Wrote %s", path)
-    print(json.dumps({k: report.get(k) for k in ("step", "fid", "classifiers")}, default=str), flush=True)
+    print(json.dumps({k: report.get(k) for k in ("step", "fid", "kid", "label_accuracy", "classifiers")},
+                     default=str), flush=True)
     return report
