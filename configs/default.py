@@ -9,10 +9,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = -1
 
     config.data = data = ml_collections.ConfigDict()
-    data.name = "mnist"  # mnist | fashion_mnist | cifar10 | celeba32 | celeba64 | imagenet32 | synthetic
+    # mnist | fashion_mnist | cifar10 | celeba32 | celeba64 | imagenet32 | synthetic | folder | npz
+    data.name = "mnist"
     data.data_dir = ""  # "" -> $DPDM_DATA_DIR or ~/.cache/dpdm_jax/data
     data.conditional = True  # class-conditional (label dropout for guidance)
     data.max_examples = 0  # > 0: use only the first examples (smoke tests); N is then that size
+    # Only for your own images (docs/data.md): data.name == "folder" (one subfolder of PNG/JPEG/WebP
+    # per class, or none: unlabelled) or "npz" (uint8 `images` (N, H, W, C), optional `labels`).
+    data.path = ""  # the folder or the .npz file
+    data.image_size = 0  # centre crop + resize to this square side; folder: required; npz: 0 = as stored
+    data.channels = 0  # 1 (grayscale) or 3 (RGB); folder: required; npz: 0 = as stored
     # Only for data.name == "synthetic" (tests / smoke runs).
     data.synthetic_size = 256
     data.synthetic_image_size = 28

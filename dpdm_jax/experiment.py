@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dpdm_jax.data import Dataset, load_dataset, synthetic_dataset, to_model_range
+from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
+                           load_npz, npz_target, synthetic_dataset, to_model_range)
 from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
 from dpdm_jax.dp import PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
 from dpdm_jax.models import DDPMpp
@@ -28,6 +30,8 @@ DATASET_INFO = {
     "celeba64": (64, 3, None),
     "imagenet32": (32, 3, 1000),
 }
+USER_DATASETS = ("folder", "npz")  # your own images: size, channels, classes from data.* and the files
+DATASET_NAMES = tuple(sorted(DATASET_INFO)) + ("synthetic",) + USER_DATASETS
 PARAMETERISATIONS = ("vp", "ve", "v", "edm")
 SAMPLERS = ("ddim", "ddim_stochastic", "edm")
 
@@ -63,8 +67,16 @@ def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
                                    config.data.synthetic_num_classes)
     elif name in DATASET_INFO:
         size, channels, classes = DATASET_INFO[name]
+    elif name == "folder":  # classes: the subfolders (listed, not decoded)
+        size, channels = config.data.image_size, config.data.channels
+        class_names = folder_class_names(config.data.path)
+        classes = None if class_names is None else len(class_names)
+    elif name == "npz":  # shape and classes: the file's header and labels (images not read)
+        summary = inspect_npz(config.data.path)
+        size, channels = npz_target(summary, config.data.image_size, config.data.channels)
+        classes = None if summary.class_names is None else len(summary.class_names)
     else:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(DATASET_INFO) + ['synthetic']}")
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {list(DATASET_NAMES)}")
     if config.data.conditional and classes is None:
         raise ValueError(f"data.conditional=True but {name} has no class labels; set data.conditional=False")
     return ImageSpec(size, channels, classes if config.data.conditional else None)
@@ -112,9 +124,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.seed >= 2**62:
         raise ValueError(f"seed must be -1 (secret) or in [0, 2**62), got {config.seed}")
     d = config.data
-    names = sorted(DATASET_INFO) + ["synthetic"]
-    if not isinstance(d.name, str) or d.name not in names:
-        raise ValueError(f"Unknown dataset {d.name!r} (data.name); choose one of {names}")
+    if not isinstance(d.name, str) or d.name not in DATASET_NAMES:
+        raise ValueError(f"Unknown dataset {d.name!r} (data.name); choose one of {list(DATASET_NAMES)}")
     _bool("data.conditional", d.conditional)
     _int("data.max_examples", d.max_examples, 0)
     if not isinstance(d.data_dir, str):
@@ -125,6 +136,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if _int("data.synthetic_num_classes", d.synthetic_num_classes, 0) == 0 and d.conditional:
             raise ValueError("data.conditional=True but data.synthetic_num_classes=0 (no class labels); "
                              "set data.conditional=False")
+    if d.name in USER_DATASETS:
+        _validate_user_data(d)
     spec = image_spec(config)
 
     m = config.model
@@ -212,14 +225,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                              f"[0, {spec.num_classes}), got {s.labels!r}")
 
 
+def _validate_user_data(d: ml_collections.ConfigDict) -> None:
+    """data.path / image_size / channels for folder and npz (the files are checked by image_spec)."""
+    if not isinstance(d.path, str) or not d.path:
+        raise ValueError(f"data.path must name the {'image folder' if d.name == 'folder' else '.npz file'} "
+                         f"for data.name={d.name!r}, got {d.path!r}")
+    if not os.path.exists(os.path.expanduser(d.path)):
+        raise ValueError(f"data.path={d.path!r} does not exist")
+    if d.name == "folder":  # its images may differ in size and mode: the target must be given
+        _int("data.image_size", d.image_size, 1)
+        allowed = (1, 3)
+    else:  # npz: 0 keeps the stored size / channels
+        _int("data.image_size", d.image_size, 0)
+        allowed = (0, 1, 3)
+    if _int("data.channels", d.channels) not in allowed:
+        raise ValueError(f"data.channels must be one of {allowed} for data.name={d.name!r} "
+                         f"(1: grayscale, 3: RGB, 0: as stored), got {d.channels}")
+
+
 def load_training_data(config: ml_collections.ConfigDict) -> Dataset:
     """The private training set, as uint8 in memory."""
     d = config.data
     if d.name == "synthetic":
         data = synthetic_dataset(d.synthetic_size, d.synthetic_image_size, d.synthetic_channels,
                                  d.synthetic_num_classes, seed=0)
+    elif d.name == "folder":
+        data = load_image_folder(d.path, d.image_size, d.channels)
+    elif d.name == "npz":
+        data = load_npz(d.path, d.image_size, d.channels)
     else:
         data = load_dataset(d.name, "train", d.data_dir or None)
+    if data.class_names is not None:
+        logging.info("%s: %d images; label i is class %s", data.name, len(data),
+                     dict(enumerate(data.class_names)))
     if d.max_examples > 0:
         data = dataclasses.replace(data, images=data.images[: d.max_examples],
                                    labels=None if data.labels is None else data.labels[: d.max_examples])

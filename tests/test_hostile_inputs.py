@@ -119,7 +119,7 @@ HOSTILE = {
     "training.checkpoint_every": bad_int(1),
     "training.keep_checkpoints": bad_int(1),
     "training.max_steps": bad_int(),
-    "data.name": bad_choice(sorted(experiment.DATASET_INFO) + ["synthetic"]),
+    "data.name": bad_choice(experiment.DATASET_NAMES),
     "data.conditional": BAD_BOOL,
     "data.max_examples": bad_int(0),
     "data.synthetic_size": bad_int(1),

@@ -11,6 +11,9 @@ Debian packages), verified by sha256 and copied into data_dir. The large dataset
 downloaded implicitly. data_dir defaults to $DPDM_DATA_DIR or ~/.cache/dpdm_jax/data; set
 DPDM_DATA_NO_FETCH=1 to forbid the automatic fetch. Fetch explicitly with
     python -m dpdm_jax.data.fetch --datasets=mnist,fashion_mnist [--data_dir=...]
+
+Your own images (user_data.py, docs/data.md): load_image_folder(dir, image_size, channels) for
+one subfolder of PNG/JPEG/WebP files per class, load_npz(file) for uint8 `images` (N, H, W, C).
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ from dpdm_jax.data import sources
 from dpdm_jax.data.dataset import (DataError, Dataset, from_model_range, synthetic_dataset,
                                    to_model_range)
 from dpdm_jax.data.readers import LOCAL_READERS, SPECS, load_tfds
+from dpdm_jax.data.user_data import (folder_class_names, inspect_npz, load_image_folder, load_npz,
+                                     npz_target)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "default_data_dir", "from_model_range",
-           "load_dataset", "synthetic_dataset", "to_model_range"]
+__all__ = ["DATASETS", "DataError", "Dataset", "default_data_dir", "folder_class_names",
+           "from_model_range", "inspect_npz", "load_dataset", "load_image_folder", "load_npz",
+           "npz_target", "synthetic_dataset", "to_model_range"]
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,8 @@ class Dataset:
     labels: int32 (N,) with values in [0, num_classes), or None for unlabelled data (CelebA).
     num_classes: number of classes when labels are given, else None.
     name: e.g. 'mnist/train'.
+    class_names: optional names of the classes, label i being class_names[i] (user folders: the
+      sorted subfolder names), so that sampled labels can be mapped back.
 
     Integer labels of another dtype are converted to int32; anything else invalid raises DataError.
     """
@@ -30,6 +32,7 @@ class Dataset:
     labels: np.ndarray | None
     num_classes: int | None
     name: str
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self):
         images = self.images
@@ -42,8 +45,9 @@ class Dataset:
         if n == 0 or min(images.shape[1:]) == 0:
             raise DataError(f"{self.name}: the dataset is empty (images shape {images.shape})")
         if self.labels is None:
-            if self.num_classes is not None:
-                raise DataError(f"{self.name}: num_classes={self.num_classes} but no labels")
+            if self.num_classes is not None or self.class_names is not None:
+                raise DataError(f"{self.name}: num_classes={self.num_classes}, class_names="
+                                f"{self.class_names} but no labels")
             return
         labels = np.asarray(self.labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
@@ -60,6 +64,9 @@ class Dataset:
             labels = labels.astype(np.int32)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "num_classes", int(self.num_classes))
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise DataError(f"{self.name}: {len(self.class_names)} class names for "
+                            f"{self.num_classes} classes")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -31,7 +31,10 @@ OUTSIDE_DP = {
 
 
 def _test_split(config: ml_collections.ConfigDict):
+    """The real test set the classifiers are scored on; None for your own images (none exists)."""
     d = config.data
+    if d.name in experiment.USER_DATASETS:
+        return None
     if d.name == "synthetic":  # a second draw of the same synthetic distribution
         return synthetic_dataset(d.synthetic_size, d.synthetic_image_size, d.synthetic_channels,
                                  d.synthetic_num_classes, seed=1)
@@ -43,8 +46,9 @@ def compute_fid(config, images: np.ndarray, workdir: str) -> float:
 
     extractor = inception.InceptionFeatureExtractor(path=config.eval.inception_weights or None,
                                                     batch_size=config.eval.fid_batch_size)
-    # Synthetic data has no global identity: cache its statistics inside the run.
-    cache_dir = os.path.join(workdir, "fid_stats") if config.data.name == "synthetic" else None
+    # Synthetic and user data have no global identity: cache their statistics inside the run.
+    local = config.data.name == "synthetic" or config.data.name in experiment.USER_DATASETS
+    cache_dir = os.path.join(workdir, "fid_stats") if local else None
     ref = fid.reference_statistics(
         config.data.name, "train", images=lambda: experiment.load_training_data(config).images,
         extractor=extractor, cache_dir=cache_dir, num_images=config.eval.fid_reference_images or None,
@@ -122,18 +126,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             report["kid_error"] = str(e)
             logging.warning("KID skipped: %s", e)
     if labels is not None and config.eval.label_accuracy:
-        report["label_accuracy"] = compute_label_accuracy(config, images, labels, workdir)
+        if config.data.name in experiment.USER_DATASETS:  # no public recipe or real test split to pin it
+            report["label_accuracy"] = None
+            report["label_accuracy_skipped"] = f"{config.data.name} data has no real test split"
+        else:
+            report["label_accuracy"] = compute_label_accuracy(config, images, labels, workdir)
 
     if labels is not None and config.eval.classifiers:
         from dpdm_jax.evaluation import classifiers
 
         test = _test_split(config)
-        report["classifiers"] = classifiers.evaluate_all(
-            images, labels, test.images, test.labels, seed=max(config.seed, 0),
-            epochs=config.eval.classifier_epochs, kinds=tuple(config.eval.classifiers),
-        )
-        for r in report["classifiers"].values():
-            r["num_synthetic_samples"] = n  # split 90/10 into train / validation
+        if test is None:
+            report["classifiers"] = None
+            report["classifiers_skipped"] = f"{config.data.name} data has no real test split"
+            logging.warning("Classifier scores skipped: %s", report["classifiers_skipped"])
+        else:
+            report["classifiers"] = classifiers.evaluate_all(
+                images, labels, test.images, test.labels, seed=max(config.seed, 0),
+                epochs=config.eval.classifier_epochs, kinds=tuple(config.eval.classifiers),
+            )
+            for r in report["classifiers"].values():
+                r["num_synthetic_samples"] = n  # split 90/10 into train / validation
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
