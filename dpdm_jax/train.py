@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from dpdm_jax import experiment, sample
-from dpdm_jax.checkpoint import Checkpointer
+from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
 from dpdm_jax.dp import (NO_GUARANTEE_PUBLIC_SEED, NO_PRIVACY, PrivacyLedger, TrainState, check_params_only,
                          data_mesh, run_keys)
 from dpdm_jax.metrics import MetricsWriter, Progress, format_eta, save_image_grid
@@ -72,13 +72,6 @@ def _metadata(config, ledger: PrivacyLedger, step: int, seed: int) -> dict:
             "privacy_summary": privacy_summary(ledger), "config": json.loads(config.to_json())}
 
 
-def _stored_seed_secret(meta: dict) -> bool:
-    """Whether a checkpoint's seed was secret (older checkpoints: its config's seed was -1)."""
-    if "seed_secret" in meta:
-        return bool(meta["seed_secret"])
-    return int(meta.get("config", {}).get("seed", 0)) < 0
-
-
 def check_resume_allowed(ckpt: Checkpointer, config, ledger: PrivacyLedger) -> tuple[int, bool] | None:
     """Before any compute: refuse to continue a run whose privacy parameters or seed changed.
 
@@ -93,7 +86,7 @@ def check_resume_allowed(ckpt: Checkpointer, config, ledger: PrivacyLedger) -> t
         except Exception:  # unreadable: restore_latest reports it and falls back
             continue
         PrivacyLedger.from_dict(meta["ledger"]).check_compatible(ledger)
-        seed, secret = int(meta["seed"]), _stored_seed_secret(meta)
+        seed, secret = int(meta["seed"]), ledger_from_metadata(meta).seed_secret
         if config.seed >= 0 and seed != config.seed:
             raise ValueError(f"Refusing to resume: the checkpoint was trained with another seed than the "
                              f"config's seed {config.seed}; the resumed run would not replay its batches.")
