@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.label_dropout = 0.1
 
     config.dp = dp = ml_collections.ConfigDict()
+    # False: the non-private baseline (no clipping, no noise); every output then says NO PRIVACY.
+    dp.enabled = True
     dp.epsilon = 10.0
     dp.delta = 1e-5
     dp.clip_norm = 1.0

@@ -23,6 +23,21 @@ from absl import logging
 _INTEGRITY = "_integrity"  # metadata key holding the digests (removed again on restore)
 
 
+def ledger_from_metadata(metadata: dict):
+    """The PrivacyLedger of a checkpoint, with `seed_secret` from its metadata.
+
+    Checkpoints written before `seed_secret` existed count as secret only if their config's seed was -1.
+    """
+    from dpdm_jax.dp import PrivacyLedger
+
+    ledger = PrivacyLedger.from_dict(metadata["ledger"])
+    if "seed_secret" in metadata:
+        ledger.seed_secret = bool(metadata["seed_secret"])
+    elif "seed_secret" not in metadata["ledger"]:
+        ledger.seed_secret = int(metadata.get("config", {}).get("seed", 0)) < 0
+    return ledger
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is corrupt, or no checkpoint in a directory could be restored."""
 

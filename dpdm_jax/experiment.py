@@ -18,7 +18,7 @@ from absl import logging
 from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
                            load_npz, npz_target, synthetic_dataset, to_model_range)
 from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
-from dpdm_jax.dp import PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
+from dpdm_jax.dp import DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
 from dpdm_jax.models import DDPMpp
 
 # image size, channels, number of classes (None: the dataset has no labels we use).
@@ -170,6 +170,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("dp.accountant", dp.accountant, ("rdp", "pld"))
     _real("dp.noise_multiplier (< 0: calibrate from epsilon)", dp.noise_multiplier)
     _bool("dp.allow_delta_above_1_over_n", dp.allow_delta_above_1_over_n)
+    _bool("dp.enabled (False: the non-private baseline, NO PRIVACY)", dp.enabled)
 
     o = config.optim
     _real("optim.learning_rate", o.learning_rate, 0, lo_open=True)
@@ -281,9 +282,17 @@ def privacy_schedule(config: ml_collections.ConfigDict, dataset_size: int) -> Pr
     )
 
 
-def make_ledger(config: ml_collections.ConfigDict, schedule: PrivacySchedule) -> PrivacyLedger:
-    """Validate the DP parameters, then calibrate sigma for the target epsilon (or take it as given)."""
+def make_plan(config: ml_collections.ConfigDict, schedule: PrivacySchedule) -> DPPlan:
+    """Validate the DP parameters, calibrate sigma for the target epsilon (or take it as given).
+
+    Refuses, before any compute, an explicit noise multiplier that would spend more than the
+    target epsilon over the planned steps. dp.enabled=False gives the non-private baseline.
+    """
     dp = config.dp
+    if not dp.enabled:
+        return DPPlan(dataset_size=schedule.dataset_size, sampling_rate=schedule.sampling_rate,
+                      num_steps=schedule.num_steps, noise_multiplier=0.0, delta=float(dp.delta), clip_norm=None,
+                      accountant=dp.accountant, target_epsilon=None, private=False)
     validate_dp_params(
         target_epsilon=dp.epsilon, delta=dp.delta, dataset_size=schedule.dataset_size,
         expected_batch_size=schedule.expected_batch_size, steps=schedule.num_steps,
@@ -295,16 +304,17 @@ def make_ledger(config: ml_collections.ConfigDict, schedule: PrivacySchedule) ->
     else:
         sigma = calibrate_noise_multiplier(dp.epsilon, schedule.sampling_rate, schedule.num_steps,
                                            dp.delta, dp.accountant)
-    ledger = PrivacyLedger(
-        dataset_size=schedule.dataset_size, sampling_rate=schedule.sampling_rate,
-        noise_multiplier=sigma, delta=float(dp.delta), clip_norm=float(dp.clip_norm),
-        accountant=dp.accountant, target_epsilon=float(dp.epsilon), planned_steps=schedule.num_steps,
-    )
-    planned = ledger.epsilon(schedule.num_steps)
-    if planned > dp.epsilon * (1 + 1e-9):
-        logging.warning("The given noise_multiplier %.4f spends epsilon %.4f > target %.4f over %d steps.",
-                        sigma, planned, dp.epsilon, schedule.num_steps)
-    return ledger
+    plan = DPPlan(dataset_size=schedule.dataset_size, sampling_rate=schedule.sampling_rate,
+                  num_steps=schedule.num_steps, noise_multiplier=sigma, delta=float(dp.delta),
+                  clip_norm=float(dp.clip_norm), accountant=dp.accountant, target_epsilon=float(dp.epsilon))
+    plan.check_within_target()
+    return plan
+
+
+def make_ledger(config: ml_collections.ConfigDict, schedule: PrivacySchedule,
+                seed_secret: bool | None = None) -> PrivacyLedger:
+    """The ledger of `make_plan` (seed_secret default: the config's seed is -1, i.e. fresh and secret)."""
+    return make_plan(config, schedule).ledger(config.seed < 0 if seed_secret is None else seed_secret)
 
 
 def build_model(config: ml_collections.ConfigDict) -> DDPMpp:
@@ -332,12 +342,23 @@ def model_apply_fn(model: DDPMpp) -> _ModelApply:
     return _ModelApply(model)
 
 
-def init_variables(model: DDPMpp, seed: int) -> dict:
-    """Initial variables from an integer seed ('rbg' keys: XLA:CPU compiles them ~4x faster)."""
+def init_variables(model: DDPMpp, key: jax.Array) -> dict:
+    """Initial variables from a PRNG key (derive it from the run key: `dp.init_key`).
+
+    Not from an integer seed: jax.random.key(seed) keeps only its low 32 bits, so the initial
+    parameters (public in the usual threat model) would reveal them. The key is turned into an
+    'rbg' key by the PRF (XLA:CPU compiles 'rbg' initialisers ~4x faster).
+    """
+    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError(f"init_variables needs a typed PRNG key (e.g. dp.init_key(run key)), got {type(key).__name__}")
     spec_shape = (1, model.image_size, model.image_size, model.in_channels)
     labels = None if model.num_classes is None else jnp.zeros((1,), jnp.int32)
-    key = jax.random.key(seed, impl="rbg")
-    return jax.jit(lambda k: model.init(k, jnp.zeros(spec_shape), jnp.zeros((1,)), labels))(key)
+
+    def init(k):
+        rbg = jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl="rbg")
+        return model.init(rbg, jnp.zeros(spec_shape), jnp.zeros((1,)), labels)
+
+    return jax.jit(init)(key)
 
 
 def per_example_loss(config: ml_collections.ConfigDict, model: DDPMpp):

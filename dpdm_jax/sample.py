@@ -9,7 +9,9 @@ import numpy as np
 from absl import logging
 
 from dpdm_jax import experiment
-from dpdm_jax.checkpoint import Checkpointer
+import json
+
+from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
 from dpdm_jax.data import from_model_range
 from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, sample_images
 from dpdm_jax.metrics import save_image_grid
@@ -89,5 +91,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     path = os.path.join(out_dir, f"samples_step{step}.npz")
     np.savez_compressed(path, images=images, labels=np.zeros(0, np.int32) if labels is None else labels)
     save_image_grid(images[: min(n, 100)], os.path.join(out_dir, f"samples_step{step}.png"))
-    logging.info("Wrote %s and its PNG grid. Privacy: %s", path, meta.get("privacy_summary", ""))
+    ledger = ledger_from_metadata(meta)
+    with open(os.path.join(out_dir, f"samples_step{step}.json"), "w") as f:  # the manifest of the npz
+        json.dump({"samples": os.path.basename(path), "step": step, "num_samples": n,
+                   "sampler": config.sampling.sampler, "privacy": ledger.guarantee(),
+                   "has_guarantee": ledger.has_guarantee, "ledger": ledger.to_dict()}, f, indent=2)
+    logging.info("Wrote %s, its PNG grid and manifest. Privacy: %s", path, ledger.guarantee())
     return path

@@ -10,6 +10,7 @@ Read top to bottom: build everything from the config, restore the latest checkpo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -22,9 +23,9 @@ import optax
 from absl import logging
 
 from dpdm_jax import experiment, sample
-from dpdm_jax.checkpoint import Checkpointer
-from dpdm_jax.dp import (DPSGDStep, PoissonSampler, PrivacyLedger, TrainState, check_params_only, data_mesh,
-                         run_key_from_seed)
+from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
+from dpdm_jax.dp import (NO_GUARANTEE_PUBLIC_SEED, NO_PRIVACY, PrivacyLedger, TrainState, check_params_only,
+                         data_mesh, run_keys)
 from dpdm_jax.metrics import MetricsWriter, Progress, format_eta, save_image_grid
 
 
@@ -37,7 +38,7 @@ def state_template(config: ml_collections.ConfigDict, model) -> TrainState:
     """An abstract TrainState (shapes, dtypes, one-device sharding) of the saved layout; no compute."""
 
     def build():
-        params = experiment.init_variables(model, 0)["params"]
+        params = experiment.init_variables(model, jax.random.key(0))["params"]
         return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                           opt_state=make_optimizer(config).init(params), ema_params=params)
 
@@ -46,33 +47,67 @@ def state_template(config: ml_collections.ConfigDict, model) -> TrainState:
 
 
 def privacy_summary(ledger: PrivacyLedger) -> str:
-    return (f"epsilon={ledger.epsilon():.4g} spent of {ledger.target_epsilon:g} (delta={ledger.delta:g}, "
-            f"{ledger.accountant.upper()}) after {ledger.steps}/{ledger.planned_steps} steps; "
-            f"sigma={ledger.noise_multiplier:.4g}, q={ledger.sampling_rate:.4g}, C={ledger.clip_norm:g}, "
-            f"N={ledger.dataset_size}")
+    """The run's privacy in one line; it starts with NO PRIVACY / NO guarantee when there is none."""
+    progress = f"after {ledger.steps}/{ledger.planned_steps} steps"
+    if not ledger.private:
+        return f"{NO_PRIVACY}; {progress}; q={ledger.sampling_rate:.4g}, N={ledger.dataset_size}"
+    spent = (f"epsilon={ledger.epsilon():.4g} spent of {ledger.target_epsilon:g} (delta={ledger.delta:g}, "
+             f"{ledger.accountant.upper()}) {progress}; sigma={ledger.noise_multiplier:.4g}, "
+             f"q={ledger.sampling_rate:.4g}, C={ledger.clip_norm:g}, N={ledger.dataset_size}")
+    if not ledger.seed_secret:
+        return f"{NO_GUARANTEE_PUBLIC_SEED}; only with a secret seed would it be {spent}"
+    return spent
+
+
+def summary_line(ledger: PrivacyLedger, workdir: str) -> str:
+    """What the run prints last. Only a run with a guarantee prints 'Privacy guarantee'."""
+    if ledger.has_guarantee:
+        return f"Privacy guarantee of {workdir}: {privacy_summary(ledger)}"
+    return f"{workdir}: {privacy_summary(ledger)}"
 
 
 def _metadata(config, ledger: PrivacyLedger, step: int, seed: int) -> dict:
-    return {"step": step, "seed": seed, "ledger": ledger.to_dict(),
+    """Checkpoint metadata: the ONLY place the seed is written (checkpoints are private)."""
+    return {"step": step, "seed": seed, "seed_secret": ledger.seed_secret, "ledger": ledger.to_dict(),
             "privacy_summary": privacy_summary(ledger), "config": json.loads(config.to_json())}
 
 
-def check_resume_allowed(ckpt: Checkpointer, config, ledger: PrivacyLedger) -> int | None:
+def check_resume_allowed(ckpt: Checkpointer, config, ledger: PrivacyLedger) -> tuple[int, bool] | None:
     """Before any compute: refuse to continue a run whose privacy parameters or seed changed.
 
-    Returns the seed of the existing run (None for a new run).
+    Returns (seed, seed_secret) of the existing run (None for a new run). A run started with a
+    public seed stays public: resuming it under seed=-1 is refused unless the config names that
+    seed explicitly (and so accepts NO guarantee).
     """
-    seed = None
+    existing = None
     for step in ckpt.all_steps():
         try:
             meta = ckpt.restore_metadata(step)
         except Exception:  # unreadable: restore_latest reports it and falls back
             continue
         PrivacyLedger.from_dict(meta["ledger"]).check_compatible(ledger)
-        if config.seed >= 0 and meta["seed"] != config.seed:
+        seed, secret = int(meta["seed"]), ledger_from_metadata(meta).seed_secret
+        if config.seed >= 0 and seed != config.seed:
             raise ValueError(f"Refusing to resume: the checkpoint was trained with another seed than the "
                              f"config's seed {config.seed}; the resumed run would not replay its batches.")
-        seed = meta["seed"]
+        if config.seed < 0 and not secret:
+            raise ValueError(f"Refusing to resume {ckpt.directory} under seed=-1: the run was started with the "
+                             f"public seed {seed}, so it has NO guarantee and resuming cannot make it secret. "
+                             f"Set seed={seed} to continue it knowingly without a guarantee, or start a new workdir.")
+        # A secret seed written into a config is no longer secret.
+        existing = (seed, secret and config.seed < 0)
+    return existing
+
+
+def broadcast_seed(seed: int) -> int:
+    """Process 0's seed on every host, all 62 bits (as two uint32 words: int64 would become int32)."""
+    from jax.experimental import multihost_utils
+
+    words = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    hi, lo = (int(w) for w in np.asarray(multihost_utils.broadcast_one_to_all(words)))
+    seed = (hi << 32) | lo
+    if not 0 <= seed < 2**62:
+        raise ValueError("the broadcast run seed is out of range [0, 2**62): the hosts disagree on it")
     return seed
 
 
@@ -86,16 +121,46 @@ def run_seed(config_seed: int, existing_seed: int | None) -> int:
     if existing_seed is not None:
         return int(existing_seed)
     if config_seed >= 0:
-        logging.warning("config.seed=%d is fixed and therefore known: the noise and batches can be "
-                        "regenerated, so this run has NO privacy against anyone who knows the seed. "
-                        "Use seed=-1 (default) for a secret seed.", config_seed)
+        logging.warning("config.seed is fixed and therefore known: the noise and batches can be "
+                        "regenerated, so this run has NO guarantee (%s). Use seed=-1 (default) for a "
+                        "secret seed.", NO_GUARANTEE_PUBLIC_SEED)
         return int(config_seed)
     seed = secrets.randbits(62)
     if jax.process_count() > 1:  # every host must add the same noise and sample the same batches
-        from jax.experimental import multihost_utils
-
-        seed = int(multihost_utils.broadcast_one_to_all(np.int64(seed)))
+        seed = broadcast_seed(seed)
     return seed
+
+
+def _digest(*parts) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+        h.update(b"|")
+    return h.digest()
+
+
+def check_hosts_agree(config, data, seed: int) -> None:
+    """Multi-host: every host must hold the same config, training set and seed; else fail clearly.
+
+    A host with another data subset would let one example into a batch twice (or never), and
+    another seed would add different noise on different hosts. Only SHA-256 digests are
+    exchanged (the seed's is salted and never logged).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    labels = np.zeros(0) if data.labels is None else data.labels
+    parts = {"config": _digest(config.to_json()), "training data (images and labels)":
+             _digest(data.images.shape, data.images, labels.shape, labels),
+             "seed": _digest("dpdm_jax host seed check", seed)}
+    mine = np.frombuffer(b"".join(parts.values()), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(parts), -1)
+    differ = [name for i, name in enumerate(parts) if not (every[:, i] == every[0, i]).all()]
+    if differ:
+        hosts = sorted({h for i in range(len(parts)) for h in range(len(every)) if (every[h, i] != every[0, i]).any()})
+        raise ValueError(f"The hosts disagree on the {' and the '.join(differ)} (hosts {hosts} differ from "
+                         "host 0): every host must run the same config on the same dataset. Refusing to train.")
 
 
 def resume(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, int]:
@@ -113,40 +178,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     # 1. Everything that can be wrong with the config fails here, before any compute.
     experiment.validate_config(config)
     data = experiment.load_training_data(config)
-    schedule = experiment.privacy_schedule(config, len(data.images))
-    ledger = experiment.make_ledger(config, schedule)
-    spec = experiment.image_spec(config)
+    plan = experiment.make_plan(config, experiment.privacy_schedule(config, len(data.images)))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.keep_checkpoints)
-    seed = run_seed(config.seed, check_resume_allowed(ckpt, config, ledger))
+    existing = check_resume_allowed(ckpt, config, plan.ledger(seed_secret=config.seed < 0))
+    seed = run_seed(config.seed, None if existing is None else existing[0])
+    check_hosts_agree(config, data, seed)
+    ledger = plan.ledger(seed_secret=config.seed < 0 if existing is None else existing[1])
+    spec = experiment.image_spec(config)
     is_chief = jax.process_index() == 0
-    logging.info("Privacy: target epsilon=%g, delta=%g, sigma=%.4f (calibrated with %s), q=%.5g "
-                 "(expected batch %.1f of N=%d), T=%d steps, C=%g, K=%d.", config.dp.epsilon, ledger.delta,
-                 ledger.noise_multiplier, ledger.accountant.upper(), ledger.sampling_rate,
-                 schedule.expected_batch_size, schedule.dataset_size, schedule.num_steps, ledger.clip_norm,
-                 config.diffusion.noise_multiplicity)
+    if plan.private:
+        logging.info("Privacy: target epsilon=%g, delta=%g, sigma=%.4f (%s, %s), q=%.5g (expected batch %.1f of "
+                     "N=%d), T=%d steps, C=%g, K=%d.%s", config.dp.epsilon, plan.delta, plan.noise_multiplier,
+                     "calibrated" if config.dp.noise_multiplier < 0 else "given", plan.accountant.upper(),
+                     plan.sampling_rate, plan.expected_batch_size, plan.dataset_size, plan.num_steps,
+                     plan.clip_norm, config.diffusion.noise_multiplicity,
+                     "" if ledger.seed_secret else f" {NO_GUARANTEE_PUBLIC_SEED}.")
+    else:
+        logging.warning("%s. q=%.5g (expected batch %.1f of N=%d), T=%d steps, K=%d.", NO_PRIVACY,
+                        plan.sampling_rate, plan.expected_batch_size, plan.dataset_size, plan.num_steps,
+                        config.diffusion.noise_multiplicity)
 
-    # 2. Model, per-example loss and the DP-SGD step.
+    # 2. Model, per-example loss and the DP-SGD step; the plan builds the sampler and the step.
     model = experiment.build_model(config)
-    # Independent streams from one seed: training steps, sample grids (init uses the seed itself).
-    root_key = run_key_from_seed(seed)
-    run_key, grid_key = (jax.random.fold_in(root_key, i) for i in range(2))
-    variables = experiment.init_variables(model, seed)
+    run_key, grid_key, init_key = run_keys(seed)  # independent PRF streams of the secret seed
+    variables = experiment.init_variables(model, init_key)
     check_params_only(variables)
     mesh = data_mesh()
-    dp_step = DPSGDStep(
-        experiment.per_example_loss(config, model), make_optimizer(config),
-        clip_norm=ledger.clip_norm, noise_multiplier=ledger.noise_multiplier,
-        expected_batch_size=schedule.expected_batch_size, mesh=mesh,
-        microbatch_size=config.training.microbatch_size or None,
-        ema_max_decay=config.optim.ema_max_decay,
-    )
-    sampler = PoissonSampler(schedule.dataset_size, schedule.sampling_rate, config.training.chunk_size,
-                             seed=seed, num_devices=mesh.size)
+    dp_step = plan.step(experiment.per_example_loss(config, model), make_optimizer(config), mesh=mesh,
+                        microbatch_size=config.training.microbatch_size or None,
+                        ema_max_decay=config.optim.ema_max_decay)
+    sampler = plan.sampler(config.training.chunk_size, num_devices=mesh.size)
 
     # 3. Resume from the latest good checkpoint, if any.
     state, start = resume(ckpt, dp_step.init(variables["params"]))
     ledger.steps = start
-    last = schedule.num_steps if config.training.max_steps <= 0 else min(schedule.num_steps, config.training.max_steps)
+    last = plan.num_steps if config.training.max_steps <= 0 else min(plan.num_steps, config.training.max_steps)
 
     writer = MetricsWriter(workdir, enabled=is_chief)
     progress = Progress(last, start)
@@ -180,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     for step in range(start, last):
         chunks = (
             (experiment.host_examples(data, c.indices, spec.num_classes is not None), c.indices, c.mask)
-            for c in sampler.iter_chunks(step)
+            for c in sampler.iter_chunks(seed, step)
         )
         tic = time.time()
         state, stats = dp_step(state, chunks, run_key, step)
@@ -190,14 +256,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         if done % t.log_every == 0 or done == last:
             summary = stats.summary()
             rate, eta = progress.rates(done)
-            epsilon = ledger.epsilon()
-            record = {**summary, "epsilon": epsilon, "steps_per_s": rate, "step_time_s": time.time() - tic}
+            privacy = f"epsilon {ledger.epsilon():.3f}" if ledger.has_guarantee else (
+                "NO PRIVACY" if not ledger.private else f"NO guarantee (public seed) epsilon {ledger.epsilon():.3f}")
+            record = {**summary, "steps_per_s": rate, "step_time_s": time.time() - tic}
+            if ledger.private:
+                record["epsilon"] = ledger.epsilon()
+            if not ledger.has_guarantee:
+                record["privacy"] = ledger.guarantee()
             writer.write(done, record)
             if is_chief:
-                logging.info("step %d/%d  loss %.4f  clipped %.2f  epsilon %.3f  %.2f steps/s  ETA %s",
-                             done, last, summary["loss"], summary["clipped_fraction"], epsilon, rate,
-                             format_eta(eta))
-            progress.render(done, f"loss {summary['loss']:.4f} eps {epsilon:.3f} ETA {format_eta(eta)}")
+                logging.info("step %d/%d  loss %.4f  clipped %.2f  %s  %.2f steps/s  ETA %s", done, last,
+                             summary["loss"], summary["clipped_fraction"], privacy, rate, format_eta(eta))
+            progress.render(done, f"loss {summary['loss']:.4f} {privacy} ETA {format_eta(eta)}")
         if done % t.checkpoint_every == 0 or done == last:
             save(done)
         if (t.sample_every > 0 and done % t.sample_every == 0) or (t.sample_every >= 0 and done == last):
@@ -211,5 +281,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     ckpt.close()
     logging.info("Done. %s", privacy_summary(ledger))
     if is_chief:
-        print(f"Privacy guarantee of {workdir}: {privacy_summary(ledger)}", flush=True)
+        print(summary_line(ledger, workdir), flush=True)
     return state

@@ -63,7 +63,7 @@ def test_shipped_config_builds(name, preset):
     assert ledger.epsilon(schedule.num_steps) <= config.dp.epsilon
     if name != "quickstart":
         model = experiment.build_model(config)
-        shapes = jax.eval_shape(lambda: experiment.init_variables(model, 0))
+        shapes = jax.eval_shape(lambda: experiment.init_variables(model, jax.random.key(0)))
         assert count_params(shapes["params"]) == OFFICIAL_PARAMS[name]
 
 

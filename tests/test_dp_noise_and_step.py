@@ -50,8 +50,8 @@ def test_ema_warmup():
     np.testing.assert_allclose(ema_decay(100000), 0.999)
 
 
-def _host_chunks(examples, sampler, step):
-    for c in sampler.chunks(step):
+def _host_chunks(examples, sampler, step, seed):
+    for c in sampler.chunks(seed, step):
         yield jax.tree.map(lambda a: a[c.indices], examples), c.indices, c.mask
 
 
@@ -64,11 +64,11 @@ def test_step_equals_manual_dp_sgd():
     run_key = jax.random.key(11)
     dp_step = DPSGDStep(LOSS, opt, clip_norm=c, noise_multiplier=sigma, expected_batch_size=q * n,
                         mesh=data_mesh(jax.devices()[:1]))
-    sampler = PoissonSampler(n, q, chunk_size=4, seed=5)
+    sampler = PoissonSampler(n, q, chunk_size=4)
     state = dp_step.init(params)
-    new_state, stats = dp_step(state, _host_chunks(data, sampler, 0), run_key, 0)
+    new_state, stats = dp_step(state, _host_chunks(data, sampler, 0, 5), run_key, 0)
 
-    idx = sampler.batch_indices(0)
+    idx = sampler.batch_indices(5, 0)
     grad_key, noise_key = step_keys(run_key, 0)
     gsum, _ = clipped_grad_sum(LOSS, params, jax.tree.map(lambda a: a[idx], data), jnp.asarray(idx, jnp.int32),
                                jnp.ones(len(idx), bool), grad_key, c)
@@ -91,10 +91,10 @@ def test_step_independent_of_chunk_size_and_devices():
     for chunk, devices in [(4, 1), (16, 4), (8, 8)]:
         step = DPSGDStep(LOSS, optax.adam(1e-2), clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=q * n,
                          mesh=data_mesh(jax.devices()[:devices]))
-        sampler = PoissonSampler(n, q, chunk_size=chunk, seed=9, num_devices=devices)
+        sampler = PoissonSampler(n, q, chunk_size=chunk, num_devices=devices)
         state = step.init(init_params())
         for t in range(3):
-            state, _ = step(state, _host_chunks(data, sampler, t), run_key, t)
+            state, _ = step(state, _host_chunks(data, sampler, t, 9), run_key, t)
         results.append(jax.device_get(state.params))
     for other in results[1:]:
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):

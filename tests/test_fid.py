@@ -1,4 +1,6 @@
 """FID statistics and Frechet distance: closed forms, independent formulas, caching (no weights)."""
+import os
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -127,22 +129,20 @@ def test_reference_statistics_are_cached(tmp_path):
     seen = []
     mu, sigma = fid.reference_statistics("toy", "train", images=lambda: images, extractor=ext,
                                          cache_dir=str(tmp_path), progress=lambda d, t: seen.append(d))
-    assert (tmp_path / "toy_train.npz").exists() and seen[-1] == 30
+    cached = fid.stats_path("toy", "train", str(tmp_path), 30, fid.images_digest(images))
+    assert os.path.exists(cached) and seen[-1] == 30
     calls = ext.calls
 
-    def must_not_load():
-        raise AssertionError("cache not used")
-
-    mu2, sigma2 = fid.reference_statistics("toy", "train", images=must_not_load, extractor=ext,
+    mu2, sigma2 = fid.reference_statistics("toy", "train", images=images, extractor=ext,
                                            cache_dir=str(tmp_path))
-    assert ext.calls == calls
+    assert ext.calls == calls  # cache used: the network never ran
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     # generated images identical to the reference set: FID ~ 0 (chunked extraction too)
     stats = fid.image_statistics(images, ext, chunk=7)
     assert abs(fid.fid_from_stats(stats, (mu, sigma))) < 1e-6 * np.trace(sigma)
     # a stale file (other network) is recomputed
-    fid.save_stats(str(tmp_path / "toy_train.npz"), mu, sigma, network_sha256="0" * 64)
+    fid.save_stats(cached, mu, sigma, network_sha256="0" * 64)
     fid.reference_statistics("toy", "train", images=images, extractor=ext, cache_dir=str(tmp_path))
     assert ext.calls > calls + 5
 
@@ -160,6 +160,22 @@ def test_reference_statistics_of_a_subset_have_their_own_cache(tmp_path):
                                     cache_dir=str(tmp_path))
     sub = fid.reference_statistics("toy", "test", images=images, extractor=ext,
                                    cache_dir=str(tmp_path), num_images=25)
-    assert (tmp_path / "toy_test.npz").exists() and (tmp_path / "toy_test_n25.npz").exists()
+    assert os.path.exists(fid.stats_path("toy", "test", str(tmp_path), 40, fid.images_digest(images)))
+    assert os.path.exists(fid.stats_path("toy", "test", str(tmp_path), 25, fid.images_digest(images[:25])))
     np.testing.assert_allclose(sub[0], fid.feature_statistics(ext(images[:25]))[0])
     assert not np.allclose(full[0], sub[0])
+
+
+def test_reference_cache_is_keyed_by_exactly_the_images(tmp_path):
+    """A smoke run's subset (data.max_examples) must not be served as the full set's statistics."""
+    rng = np.random.default_rng(8)
+    full = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    ext = _FakeExtractor()
+    small = fid.reference_statistics("toy", "train", images=full[:20], extractor=ext, cache_dir=str(tmp_path))
+    big = fid.reference_statistics("toy", "train", images=full, extractor=ext, cache_dir=str(tmp_path))
+    np.testing.assert_allclose(big[0], fid.feature_statistics(ext(full))[0])
+    assert not np.allclose(small[0], big[0])
+    other = full.copy()
+    other[0] ^= 1  # same count, other pixels: another entry
+    changed = fid.reference_statistics("toy", "train", images=other, extractor=ext, cache_dir=str(tmp_path))
+    assert not np.allclose(changed[0], big[0])

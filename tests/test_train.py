@@ -46,7 +46,9 @@ def test_main_train_then_sample(tmp_path):
             "--config.training.max_steps=3", "--config.training.sample_every=3"]
     out = subprocess.run(base + ["--mode=train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Privacy guarantee" in out.stdout and "after 3/4 steps" in out.stdout
+    # test_tiny's seed is fixed, hence public: the summary line says NO guarantee, never "Privacy guarantee".
+    assert "NO guarantee: the seed is public" in out.stdout and "after 3/4 steps" in out.stdout
+    assert "Privacy guarantee" not in out.stdout
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and 0 < r["epsilon"] < 10 for r in records)
@@ -62,6 +64,8 @@ def test_main_train_then_sample(tmp_path):
     samples = np.load(os.path.join(workdir, "samples", "samples_step3.npz"))
     assert samples["images"].shape == (5, 8, 8, 1) and samples["images"].dtype == np.uint8
     np.testing.assert_array_equal(samples["labels"], np.arange(5) % 3)  # balanced by default
+    manifest = json.load(open(os.path.join(workdir, "samples", "samples_step3.json")))
+    assert manifest["privacy"].startswith("NO guarantee: the seed is public") and not manifest["has_guarantee"]
 
 
 def test_checkpoint_roundtrip(tmp_path):

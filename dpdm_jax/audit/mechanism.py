@@ -24,6 +24,7 @@ import numpy as np
 
 from dpdm_jax.dp.clipping import clipped_grad_sum, noise_multiplicity_loss
 from dpdm_jax.dp.noise import privatise_gradient_sum
+from dpdm_jax.dp.plan import DPPlan
 from dpdm_jax.dp.step import step_keys
 
 PyTree = Any
@@ -96,6 +97,13 @@ class AuditConfig:
     def batch_rows(self) -> int:
         """Rows of the (single, fixed-shape) chunk: canary slot + others + padding."""
         return 1 + self.num_others + self.num_padding
+
+    @property
+    def plan(self) -> DPPlan:
+        """The claim under audit as the engine's DP plan: ONE step of the Gaussian mechanism with
+        noise multiplier sigma and clip C, Poisson-subsampled at the canary's rate."""
+        return DPPlan(dataset_size=1 + self.num_others, sampling_rate=self.canary_rate, num_steps=1,
+                      noise_multiplier=self.noise_multiplier, delta=self.delta, clip_norm=self.clip_norm)
 
     @property
     def expected_batch_size(self) -> float:

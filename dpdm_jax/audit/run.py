@@ -13,7 +13,6 @@ from jax.flatten_util import ravel_pytree
 
 from dpdm_jax.audit import stats
 from dpdm_jax.audit.mechanism import AuditConfig, AuditProblem, ReleaseFn, build_batch, engine_release_fn, make_problem
-from dpdm_jax.dp.accounting import compute_epsilon
 
 # A statistic maps (flat released vector r, flat unit canary direction u) to a scalar score.
 Statistic = Callable[[jax.Array, jax.Array], jax.Array]
@@ -88,8 +87,8 @@ def accountant_epsilons(config: AuditConfig) -> tuple[float, float, float | None
     """(RDP, PLD, exact) epsilon of what ran: ONE step of the Gaussian mechanism with noise
     multiplier sigma, Poisson-subsampled at the canary's rate (rate 1: no subsampling)."""
     sigma, q, delta = config.noise_multiplier, config.canary_rate, config.delta
-    rdp = compute_epsilon(sigma, q, 1, delta, "rdp")
-    pld = compute_epsilon(sigma, q, 1, delta, "pld")
+    plan = config.plan  # the same plan object the trainer's accountant, sampler and step use
+    rdp, pld = plan.epsilon(accountant="rdp"), plan.epsilon(accountant="pld")
     exact = stats.gaussian_epsilon(sigma, delta) if q == 1.0 else None
     return rdp, pld, exact
 

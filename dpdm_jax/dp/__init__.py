@@ -3,36 +3,47 @@
 It knows nothing of diffusion: any per-example loss (params, example, key) -> scalar works.
 """
 from dpdm_jax.dp.accounting import (
+    NO_GUARANTEE_PUBLIC_SEED,
+    NO_PRIVACY,
     PrivacyLedger,
     calibrate_noise_multiplier,
     compute_epsilon,
 )
 from dpdm_jax.dp.clipping import ClipStats, clipped_grad_sum, example_key, noise_multiplicity_loss
 from dpdm_jax.dp.noise import gaussian_noise_like, privatise_gradient_sum
+from dpdm_jax.dp.plan import DPPlan
 from dpdm_jax.dp.sampling import Chunk, PoissonSampler
 from dpdm_jax.dp.sharding import data_mesh, put_batch, sharded_clipped_grad_sum
-from dpdm_jax.dp.step import DPSGDStep, TrainState, ema_decay, run_key_from_seed, step_keys
+from dpdm_jax.dp.step import (DPSGDStep, TrainState, accumulate_chunk, ema_decay, ema_update, noisy_update,
+                              run_key_from_seed, run_keys, step_keys)
 from dpdm_jax.dp.validation import check_params_only, validate_dp_params
 
 __all__ = [
+    "NO_GUARANTEE_PUBLIC_SEED",
+    "NO_PRIVACY",
     "Chunk",
+    "DPPlan",
     "ClipStats",
     "DPSGDStep",
     "PoissonSampler",
     "PrivacyLedger",
     "TrainState",
+    "accumulate_chunk",
     "calibrate_noise_multiplier",
     "check_params_only",
     "clipped_grad_sum",
     "compute_epsilon",
     "data_mesh",
     "ema_decay",
+    "ema_update",
     "example_key",
     "gaussian_noise_like",
     "noise_multiplicity_loss",
+    "noisy_update",
     "privatise_gradient_sum",
     "put_batch",
     "run_key_from_seed",
+    "run_keys",
     "sharded_clipped_grad_sum",
     "step_keys",
     "validate_dp_params",

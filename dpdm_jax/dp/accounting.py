@@ -19,6 +19,11 @@ from dpdm_jax.dp.validation import validate_accounting_params
 
 ACCOUNTANTS = ("rdp", "pld")
 
+# What every output of a run without a guarantee says (log, ledger, metrics, report, manifests).
+NO_PRIVACY = "NO PRIVACY: dp.enabled=False (non-private baseline: no clipping, no noise)"
+NO_GUARANTEE_PUBLIC_SEED = ("NO guarantee: the seed is public (a fixed config.seed lets anyone regenerate "
+                            "the batches and the noise)")
+
 # Opacus' RDP orders (the reference table in method.md was computed with them).
 RDP_ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)])
 
@@ -103,20 +108,39 @@ class PrivacyLedger:
 
     Saved with every checkpoint. `steps` is incremented BEFORE a step's parameters can be
     saved, so the ledger never counts fewer steps than the saved model has taken.
+
+    The epsilon is a guarantee only if the run seed is secret (`seed_secret`) and the run is
+    private (`private`; False is the non-private baseline): `guarantee()` says which.
     """
 
     dataset_size: int
     sampling_rate: float
     noise_multiplier: float
     delta: float
-    clip_norm: float
+    clip_norm: float | None
     accountant: str = "rdp"
     target_epsilon: float | None = None
     planned_steps: int | None = None
     steps: int = 0
+    seed_secret: bool = True
+    private: bool = True
+
+    @property
+    def has_guarantee(self) -> bool:
+        return self.private and self.seed_secret
+
+    def guarantee(self) -> str:
+        """'(epsilon, delta)-DP ...', or why there is NO guarantee."""
+        if not self.private:
+            return NO_PRIVACY
+        if not self.seed_secret:
+            return NO_GUARANTEE_PUBLIC_SEED
+        return f"({self.epsilon():.4g}, {self.delta:g})-DP ({self.accountant.upper()}) after {self.steps} steps"
 
     def epsilon(self, steps: int | None = None, accountant: str | None = None) -> float:
-        """Epsilon spent after `steps` (default: the steps done so far)."""
+        """Epsilon spent after `steps` (default: the steps done so far); inf if not private."""
+        if not self.private:
+            return math.inf
         return compute_epsilon(
             self.noise_multiplier,
             self.sampling_rate,
@@ -134,7 +158,8 @@ class PrivacyLedger:
         """The fields a resumed run must not change."""
         return {
             k: getattr(self, k)
-            for k in ("dataset_size", "sampling_rate", "noise_multiplier", "delta", "clip_norm", "accountant")
+            for k in ("dataset_size", "sampling_rate", "noise_multiplier", "delta", "clip_norm", "accountant",
+                      "private")
         }
 
     def check_compatible(self, other: "PrivacyLedger") -> None:
@@ -143,7 +168,7 @@ class PrivacyLedger:
         changed = {
             k: (mine[k], theirs[k])
             for k in mine
-            if not (mine[k] == theirs[k] or (isinstance(mine[k], float) and math.isclose(mine[k], theirs[k], rel_tol=1e-9)))
+            if not (mine[k] == theirs[k] or (isinstance(mine[k], float) and isinstance(theirs[k], float) and math.isclose(mine[k], theirs[k], rel_tol=1e-9)))
         }
         if changed:
             details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
@@ -153,11 +178,13 @@ class PrivacyLedger:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, plus the `guarantee` sentence (for readers of the file; ignored on load)."""
+        return {**dataclasses.asdict(self), "guarantee": self.guarantee()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrivacyLedger":
-        return cls(**d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
 
     def save(self, path: str) -> None:
         """Atomically write the ledger as JSON."""

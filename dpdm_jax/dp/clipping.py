@@ -137,7 +137,9 @@ def clipped_grad_sum(
         g, s = reduce(*x)
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-    init = (jax.tree.map(jnp.zeros_like, params), ClipStats.zeros())
-    # Gradients may come out in params' dtype; keep the carry consistent with it.
+    # The carry must have the body's type: inside shard_map params and mask are device-varying,
+    # so zeros built from them are too (ClipStats.zeros() would be device-invariant).
+    zero = jnp.zeros_like(mask[0], jnp.float32)
+    init = (jax.tree.map(jnp.zeros_like, params), ClipStats(*(zero for _ in ClipStats._fields)))
     (grad_sum, stats), _ = jax.lax.scan(body, init, xs)
     return grad_sum, stats

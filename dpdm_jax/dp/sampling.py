@@ -6,6 +6,8 @@ device count, so shapes are static and compile once); the last chunk is padded a
 Nothing is ever truncated: the number of chunks varies from step to step instead.
 
 The draw for a step depends only on (seed, step), so a resumed run replays the same batches.
+The seed is SECRET and is an argument of each call, never a field (a repr would print it); the
+sampler's fields are public, as jax_privacy's batch selection keeps them.
 """
 from __future__ import annotations
 
@@ -35,20 +37,18 @@ class Chunk:
 
 @dataclasses.dataclass(frozen=True)
 class PoissonSampler:
-    """Stateless Poisson sampler: `batch_indices(step)` is a pure function of (seed, step).
+    """Stateless Poisson sampler: `batch_indices(seed, step)` is a pure function of (seed, step).
 
     Attributes:
       dataset_size: N, public.
       sampling_rate: q in (0, 1].
       chunk_size: rows per chunk (physical batch); a multiple of `num_devices`.
-      seed: sampler seed.
       num_devices: devices the chunk is split over (chunk_size must divide evenly).
     """
 
     dataset_size: int
     sampling_rate: float
     chunk_size: int
-    seed: int
     num_devices: int = 1
 
     def __post_init__(self):
@@ -67,22 +67,22 @@ class PoissonSampler:
     def expected_batch_size(self) -> float:
         return self.sampling_rate * self.dataset_size
 
-    def batch_indices(self, step: int) -> np.ndarray:
+    def batch_indices(self, seed: int, step: int) -> np.ndarray:
         """Sorted int64 indices of the examples in logical batch `step` (any size, maybe 0)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        rng = np.random.default_rng([self.seed, step])
+        rng = np.random.default_rng([seed, step])
         return np.flatnonzero(rng.random(self.dataset_size) < self.sampling_rate)
 
     def num_chunks(self, batch_size: int) -> int:
         return math.ceil(batch_size / self.chunk_size)
 
-    def chunks(self, step: int) -> list[Chunk]:
+    def chunks(self, seed: int, step: int) -> list[Chunk]:
         """The logical batch of `step` cut into padded, masked chunks (an empty list if empty)."""
-        return list(self.iter_chunks(step))
+        return list(self.iter_chunks(seed, step))
 
-    def iter_chunks(self, step: int) -> Iterator[Chunk]:
-        indices = self.batch_indices(step)
+    def iter_chunks(self, seed: int, step: int) -> Iterator[Chunk]:
+        indices = self.batch_indices(seed, step)
         for start in range(0, len(indices), self.chunk_size):
             part = indices[start : start + self.chunk_size]
             padded = np.zeros(self.chunk_size, np.int32)

@@ -1,13 +1,18 @@
 """One logical DP-SGD step: clipped sums over chunks, noise once, optimiser, EMA.
 
+    grad_key, noise_key = step_keys(run_key, step)
     for each chunk of the Poisson batch:          (any number of chunks, fixed shape)
-        acc += sum_i clip_C(grad loss_i)           (sharded over devices, psum)
-    g = (acc + N(0, sigma^2 C^2 I)) / (q N)        (once, identical on every device)
-    params <- optimiser(params, g);  ema <- ema - (1 - decay_n) (ema - params)
+        acc += sum_i clip_C(grad loss_i)           accumulate_chunk (sharded over devices, psum)
+    g = (acc + N(0, sigma^2 C^2 I)) / (q N)        noisy_update: once, identical on every device
+    params <- optimiser(params, g);  ema <- ema - (1 - decay_n) (ema - params)     ema_update
+
+The stages are module-level pure functions; `DPSGDStep` applies shard_map and jit to them.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable
+
+import functools
 
 import flax.struct
 import jax
@@ -46,19 +51,54 @@ def run_key_from_seed(seed: int) -> jax.Array:
     return jax.random.wrap_key_data(words, impl="threefry2x32")
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(training key, sample-grid key, init key): independent PRF (fold_in) outputs of all 64 seed bits.
+
+    The init key is a PRF output of the whole secret key, so the initial parameters (public in
+    the usual threat model) reveal nothing usable about the seed.
+    """
+    root = run_key_from_seed(seed)
+    return tuple(jax.random.fold_in(root, i) for i in range(3))
+
+
 def step_keys(run_key: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
     """(gradient key, noise key) of logical step `step`: functions of the run key and step only."""
     step_key = jax.random.fold_in(run_key, step)
     return jax.random.fold_in(step_key, 0), jax.random.fold_in(step_key, 1)
 
 
+def ema_update(ema_params: PyTree, params: PyTree, num_updates: jax.Array, max_decay: float) -> PyTree:
+    """ema <- ema - (1 - decay_n) (ema - params)."""
+    decay = ema_decay(num_updates, max_decay)
+    return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
+
+
+def accumulate_chunk(acc, params, examples, example_ids, mask, key, *, clipped_sum):
+    """acc + (clipped gradient sum, ClipStats) of one chunk. `clipped_sum` is the sharded sum."""
+    grad_sum, stats = clipped_sum(params, examples, example_ids, mask, key)
+    return jax.tree.map(jnp.add, acc[0], grad_sum), acc[1] + stats
+
+
+def noisy_update(state: TrainState, grad_sum: PyTree, key: jax.Array, *, optimizer, noise_multiplier: float,
+                 clip_norm: float, expected_batch_size: float, ema_max_decay: float) -> TrainState:
+    """Noise once and divide by q*N, then the optimiser and the EMA: the state after one logical step."""
+    if noise_multiplier == 0:  # the non-private baseline (C may be inf): no noise at all
+        grads = jax.tree.map(lambda g: g / jnp.asarray(expected_batch_size, g.dtype), grad_sum)
+    else:
+        grads = privatise_gradient_sum(grad_sum, key, noise_multiplier, clip_norm, expected_batch_size)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, state.step, ema_max_decay)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+
 class DPSGDStep:
-    """A jitted DP-SGD step for any per-example loss.
+    """A jitted DP-SGD step for any per-example loss (usually built by `DPPlan.step`).
 
     Args:
       loss_fn: (params, example, key) -> scalar, for ONE example (e.g. the mean over K draws).
       optimizer: an optax transformation (DPDM: Adam 3e-4).
-      clip_norm: C.
+      clip_norm: C (inf: no clipping, the non-private baseline only).
       noise_multiplier: sigma (calibrated from the target epsilon by the caller).
       expected_batch_size: q * N, the public normaliser.
       mesh: 1-D 'data' mesh; default all devices.
@@ -78,7 +118,7 @@ class DPSGDStep:
         microbatch_size: int | None = None,
         ema_max_decay: float = 0.999,
     ):
-        if clip_norm <= 0:
+        if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
@@ -89,25 +129,19 @@ class DPSGDStep:
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
-        clipped_sum = sharded_clipped_grad_sum(loss_fn, self.mesh, self.clip_norm, microbatch_size)
         repl = replicated(self.mesh)
+        clipped_sum = sharded_clipped_grad_sum(loss_fn, self.mesh, self.clip_norm, microbatch_size)
+        self._accumulate = jax.jit(functools.partial(accumulate_chunk, clipped_sum=clipped_sum),
+                                   donate_argnums=(0,), out_shardings=repl)
+        self._update = jax.jit(
+            functools.partial(noisy_update, optimizer=optimizer, noise_multiplier=self.noise_multiplier,
+                              clip_norm=self.clip_norm, expected_batch_size=self.expected_batch_size,
+                              ema_max_decay=ema_max_decay),
+            donate_argnums=(0,), out_shardings=repl)
 
-        def accumulate(acc, params, examples, example_ids, mask, key):
-            grad_sum, stats = clipped_sum(params, examples, example_ids, mask, key)
-            return jax.tree.map(jnp.add, acc[0], grad_sum), acc[1] + stats
-
-        def update(state: TrainState, grad_sum, key):
-            grads = privatise_gradient_sum(
-                grad_sum, key, self.noise_multiplier, self.clip_norm, self.expected_batch_size
-            )
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            decay = ema_decay(state.step, ema_max_decay)
-            ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema_params, params)
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-
-        self._accumulate = jax.jit(accumulate, donate_argnums=(0,), out_shardings=repl)
-        self._update = jax.jit(update, donate_argnums=(0,), out_shardings=repl)
+    def __repr__(self) -> str:  # public fields only: no key or seed is ever held here
+        return (f"DPSGDStep(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier}, "
+                f"expected_batch_size={self.expected_batch_size}, devices={self.mesh.size})")
 
     def init(self, params: PyTree) -> TrainState:
         """A fresh state (step 0; EMA starts at params), replicated on the mesh."""
@@ -137,13 +171,14 @@ class DPSGDStep:
         run_key: jax.Array,
         step: int,
     ) -> tuple[TrainState, ClipStats]:
-        """Run logical step `step`.
+        """Run logical step `step`: step keys -> accumulate chunks -> noise once, / q*N -> optimiser -> EMA.
 
         Args:
           state: current state (donated: do not reuse it).
           chunks: iterable of (examples, example_ids, mask) host arrays of one fixed chunk
             shape; may be empty (an empty Poisson batch still gets a noisy update).
-          run_key: the run's PRNG key; step keys are derived from (run_key, step).
+          run_key: the run's SECRET PRNG key, an argument (never stored); step keys are
+            derived from (run_key, step).
           step: the logical step index (must equal state.step; checked).
         Returns:
           (new state, ClipStats sums over the logical batch).

@@ -5,8 +5,11 @@
 Statistics are float64 (mean, covariance with ddof=1 as ``np.cov`` in the DPDM reference code),
 accumulated in streaming form so 60k x 2048 features need not be held at once. The reference
 statistics of a dataset split (method.md section 5: the real TRAIN set) are computed once and
-cached as ``<cache_dir>/<dataset>_<split>.npz`` (default cache dir ~/.cache/dpdm_jax/fid_stats,
-or $DPDM_FID_STATS_DIR).
+cached as ``<cache_dir>/<dataset>_<split>[_n<N>]_<sha256 of the images, 16 hex>.npz``, keyed by
+exactly the images they summarise (a smoke run's subset cannot poison the full set's entry).
+Default cache dir: ~/.cache/dpdm_jax/fid_stats, or $DPDM_FID_STATS_DIR; runs on synthetic data
+cache inside their workdir. The statistics of the TRAIN split are a statistic of PRIVATE data,
+not privatised: keep the cache as private as the training set (docs/privacy.md).
 
 Images are uint8 (N, H, W, C). Samples in the model range [-1, 1] are converted with
 ``dpdm_jax.data.from_model_range`` (rounding); the DPDM reference code truncated instead
@@ -158,9 +161,21 @@ def stats_dir(cache_dir: Optional[str] = None) -> str:
     return os.path.expanduser(cache_dir or os.environ.get(ENV_STATS_DIR) or DEFAULT_STATS_DIR)
 
 
+def images_digest(images: np.ndarray) -> str:
+    """16 hex digits of SHA-256 over the images' dtype, shape and bytes: the cache key."""
+    import hashlib  # noqa: PLC0415
+
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256(f"{images.dtype}|{images.shape}|".encode())
+    h.update(images.tobytes())
+    return h.hexdigest()[:16]
+
+
 def stats_path(dataset: str, split: str, cache_dir: Optional[str] = None,
-               num_images: Optional[int] = None) -> str:
-    suffix = f"_n{num_images}" if num_images else ""  # a subset is cached under its own name
+               num_images: Optional[int] = None, digest: Optional[str] = None) -> str:
+    """The cache file of the statistics of `num_images` images whose `images_digest` is `digest`."""
+    suffix = f"_n{num_images}" if num_images else ""
+    suffix += f"_{digest}" if digest else ""
     return os.path.join(stats_dir(cache_dir), f"{dataset}_{split}{suffix}.npz")
 
 
@@ -184,12 +199,19 @@ def reference_statistics(dataset: str, split: str = "train", images=None,
                          num_images: Optional[int] = None) -> Stats:
     """Cached (mu, sigma) of a real dataset split.
 
-    Loads ``<cache_dir>/<dataset>_<split>.npz`` if present (and made from the same network),
-    else computes it from ``images`` (uint8 array, or a zero-argument callable returning one;
-    default ``dpdm_jax.data.load_dataset(dataset, split).images``) and writes it.
-    ``num_images`` keeps only the first N images (cached as ``<dataset>_<split>_n<N>.npz``).
+    The images (uint8 array, or a zero-argument callable returning one; default
+    ``dpdm_jax.data.load_dataset(dataset, split).images``), cut to their first ``num_images``,
+    are hashed, and the cache file is keyed by that digest (``stats_path``): another subset,
+    another file. Statistics of the train split are statistics of PRIVATE data.
     """
-    path = stats_path(dataset, split, cache_dir, num_images)
+    if images is None:
+        from dpdm_jax.data import load_dataset  # noqa: PLC0415
+
+        images = load_dataset(dataset, split).images
+    elif callable(images):
+        images = images()
+    images = np.asarray(images)[:num_images]
+    path = stats_path(dataset, split, cache_dir, len(images), images_digest(images))
     if os.path.exists(path) and not recompute:
         with np.load(path, allow_pickle=False) as z:
             fmt = str(z["__format__"]) if "__format__" in z.files else ""
@@ -198,14 +220,7 @@ def reference_statistics(dataset: str, split: str = "train", images=None,
             log.info("FID reference stats from %s", path)
             return load_stats(path)
         log.warning("ignoring stale FID stats %s (format %r, network %r)", path, fmt, net[:12])
-    if images is None:
-        from dpdm_jax.data import load_dataset  # noqa: PLC0415
-
-        images = load_dataset(dataset, split).images
-    elif callable(images):
-        images = images()
-    images = np.asarray(images)[:num_images]
-    log.info("computing FID reference stats of %s/%s (%d images)", dataset, split, len(images))
+    log.info("computing FID reference stats of %s/%s (%d images) into %s", dataset, split, len(images), path)
     mu, sigma = image_statistics(images, extractor, progress=progress)
     save_stats(path, mu, sigma, dataset=dataset, split=split, num_images=len(images),
                network_sha256=inception.SOURCE_SHA256, ddof=1)
@@ -240,7 +255,7 @@ def main(argv=None) -> None:
     mu, sigma = reference_statistics(args.dataset, args.split, extractor=ext,
                                      cache_dir=args.cache_dir, recompute=args.recompute,
                                      num_images=args.num_images)
-    print(f"{stats_path(args.dataset, args.split, args.cache_dir, args.num_images)}: "
+    print(f"{args.dataset}/{args.split} statistics cached in {stats_dir(args.cache_dir)}: "
           f"mu {mu.shape}, tr(sigma) {np.trace(sigma):.4f}")
 
 

@@ -17,16 +17,25 @@ from absl import logging
 
 from dpdm_jax import experiment, sample
 from dpdm_jax.data import load_dataset, synthetic_dataset
-from dpdm_jax.dp import PrivacyLedger
+from dpdm_jax.checkpoint import ledger_from_metadata
 
 OUTSIDE_DP = {
     "fid": "FID compares with Inception statistics of the PRIVATE training set; the statistics are "
            "not privatised, so the FID value itself is not covered by the guarantee.",
+    "fid_reference_statistics": "The cached Inception mean/covariance of the training set (a .npz under "
+                                "$DPDM_FID_STATS_DIR, ~/.cache/dpdm_jax/fid_stats, or WORKDIR/fid_stats for "
+                                "synthetic data) is a statistic of private data: keep it private.",
     "classifier_accuracy": "Classifiers are trained and selected on synthetic data only, but tested on the "
                            "real test set; choosing among runs/checkpoints by these numbers is model "
                            "selection on real data, outside the guarantee.",
+    "training_metrics": "metrics.jsonl, TensorBoard and the log lines (loss, gradient norms, clipped fraction, "
+                        "non-finite fraction, realised batch size num_examples, step time) are computed "
+                        "from private data without noise: not covered.",
+    "checkpoints": "Checkpoints hold the secret run seed in their metadata (and the non-EMA weights and "
+                   "optimiser state, which are covered): keep them private; release only weights or samples.",
     "covered": "The trained weights and the generated samples are covered by the (epsilon, delta) "
-               "guarantee reported under 'privacy'.",
+               "guarantee reported under 'privacy', and only if 'privacy.guarantee' does not say "
+               "NO guarantee / NO PRIVACY.",
 }
 
 
@@ -89,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     experiment.validate_config(config)
     model, ema_params, meta = sample.restore_ema_params(config, workdir, config.sampling.checkpoint_step)
     step = int(meta["step"])
-    ledger = PrivacyLedger.from_dict(meta["ledger"])
+    ledger = ledger_from_metadata(meta)
     spec = experiment.image_spec(config)
     n = config.eval.num_samples
     tic = time.time()
@@ -108,8 +117,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "fid_reference_images": config.eval.fid_reference_images or "all of the train split",
         "sampler": sample.sampler_options(config)[1] | {"name": config.sampling.sampler,
                                                         "guidance_weight": config.sampling.guidance_weight},
-        "privacy": {**ledger.to_dict(), "epsilon_spent": ledger.epsilon(),
-                    "epsilon_spent_pld": ledger.epsilon(accountant="pld")},
+        "privacy": {**ledger.to_dict(), "has_guarantee": ledger.has_guarantee}
+        | ({"epsilon_spent": ledger.epsilon(), "epsilon_spent_pld": ledger.epsilon(accountant="pld")}
+           if ledger.private else {}),
         "outside_dp_guarantee": OUTSIDE_DP,
     }
     try:
@@ -154,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(path, "w") as f:
         json.dump(report, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     logging.info("Wrote %s", path)
-    print(json.dumps({k: report.get(k) for k in ("step", "fid", "kid", "label_accuracy", "classifiers")},
+    print(json.dumps({k: report.get(k) for k in ("step", "fid", "kid", "label_accuracy", "classifiers")}
+                     | {"privacy": ledger.guarantee()},
                      default=str), flush=True)
     return report
