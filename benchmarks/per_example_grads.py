@@ -34,13 +34,17 @@ from proc_memory import status_kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("jax_nonprivate", "jax_dp", "torch_nonprivate", "opacus_dp")
-# A JAX part may carry a convolution implementation (models/layers.py): jax_dp@xla, ...
-CONV_IMPLS = ("xla", "split_wgrad")
+# A JAX part may carry a convolution implementation (DDPMpp.conv_impl): jax_dp@xla, ...
+sys.path.insert(0, os.path.dirname(HERE))
+from dpdm_jax.models.layers import CONV_IMPLS  # noqa: E402  (the registry; starts no backend)
+
+CONV_IMPLS = tuple(c for c in CONV_IMPLS if c != "auto")
 ALL_PARTS = PARTS + tuple(f"{p}@{c}" for p in PARTS[:2] for c in CONV_IMPLS) + ("port_check",)
 # The small network: same blocks, two levels, one residual block per level.
 NETWORKS = {
     "mnist": dict(),
     "small": dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,)),
+    "quickstart": dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=()),  # configs/quickstart.py
 }
 SIGMA, CLIP, LR, LABEL_DROPOUT = 2.488, 1.0, 3e-4, 0.1  # the paper's MNIST epsilon=10 recipe
 
@@ -56,12 +60,12 @@ def jax_setup(cfg):
     from dpdm_jax.dp import DPSGDStep, data_mesh
     from dpdm_jax.models import count_params, ddpmpp_for, init_shapes
 
-    from dpdm_jax.models import layers
+    from dpdm_jax.models.layers import resolve_conv_impl
 
-    if "@" in cfg["part"]:  # e.g. jax_dp@xla: this convolution implementation
-        layers.set_conv_impl(cfg["part"].split("@")[1])
-    info = {"conv_impl": layers.conv_impl()}
-    model = ddpmpp_for("mnist", **NETWORKS[cfg["network"]])
+    # e.g. jax_dp@xla: this convolution implementation; without "@", the model's default ("auto").
+    conv_impl = cfg["part"].split("@")[1] if "@" in cfg["part"] else "auto"
+    info = {"conv_impl": resolve_conv_impl(conv_impl)}
+    model = ddpmpp_for("mnist", conv_impl=conv_impl, **NETWORKS[cfg["network"]])
     shapes = init_shapes(model)["params"]
     rng = np.random.default_rng(0)  # values do not affect speed; numpy avoids compiling the PRNG
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)), shapes)

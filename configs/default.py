@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_res_blocks = 2
     model.attn_resolutions = (7,)
     model.dropout = 0.0
+    # How convolutions are computed (speed only: same parameters and values), one of
+    # dpdm_jax.models.layers.CONV_IMPLS; "auto" picks by backend (docs/benchmarks.md).
+    model.conv_impl = "auto"
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.parameterisation = "edm"  # vp | ve | v | edm

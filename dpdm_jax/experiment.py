@@ -20,6 +20,7 @@ from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_datase
 from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
 from dpdm_jax.dp import DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
 from dpdm_jax.models import DDPMpp
+from dpdm_jax.models.layers import CONV_IMPLS
 
 # image size, channels, number of classes (None: the dataset has no labels we use).
 DATASET_INFO = {
@@ -156,6 +157,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"{2 ** (len(m.ch_mult) - 1)} (model.ch_mult={tuple(m.ch_mult)})")
     if _real("model.dropout", m.dropout) != 0:
         raise ValueError("model.dropout must be 0 (DPDM trains without dropout)")
+    _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
 
     _choice("diffusion.parameterisation", config.diffusion.parameterisation, PARAMETERISATIONS)
     _int("diffusion.noise_multiplicity K", config.diffusion.noise_multiplicity, 1)
@@ -323,7 +325,7 @@ def build_model(config: ml_collections.ConfigDict) -> DDPMpp:
     return DDPMpp(
         image_size=spec.image_size, in_channels=spec.channels, num_classes=spec.num_classes,
         nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, conv_impl=m.conv_impl,
     )
 
 

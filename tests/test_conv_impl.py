@@ -1,8 +1,8 @@
-"""The split_wgrad convolution (models/layers.py) computes exactly what lax.conv computes.
+"""Every convolution implementation (models/layers.py CONV_IMPLS) computes what lax.conv computes.
 
-It changes only HOW the weight gradient is evaluated (row groups; one convolution per example
-under vmap), so forward values, gradients, per-example gradients and the DP engine's clipped
-sums must agree with the plain XLA convolution, including inside shard_map.
+They change only HOW the passes are evaluated (row groups, one convolution per example under
+vmap, patches times a matrix), so forward values, gradients, per-example gradients and the DP
+engine's clipped sums must agree with the plain XLA convolution, including inside shard_map.
 """
 import jax
 import jax.numpy as jnp
@@ -12,11 +12,10 @@ from jax import lax
 
 from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
 from dpdm_jax.dp import sharding
-from dpdm_jax.dp.clipping import clipped_grad_sum
 from dpdm_jax.models import DDPMpp, count_params, init_shapes, layers
 
 DIMS = ("NHWC", "HWIO", "NHWC")
-split = layers.split_wgrad_conv_general_dilated
+CUSTOM = [impl for impl in layers.CONV_IMPLS if impl not in ("auto", "xla")]
 
 
 def ref_conv(x, w, padding="SAME"):
@@ -30,15 +29,17 @@ def _arrays(seed=0, b=3, n=5, hw=6, cin=4, cout=3, k=3):
     return x, w
 
 
+@pytest.mark.parametrize("impl", CUSTOM)
 @pytest.mark.parametrize("kernel", [1, 3])
-@pytest.mark.parametrize("group_rows", [1, 2, 100])  # 100: one group
-def test_values_gradients_and_per_example_gradients(monkeypatch, kernel, group_rows):
+@pytest.mark.parametrize("group_rows", [1, 100])  # split_wgrad's row groups: 1 row, one group
+def test_values_gradients_and_per_example_gradients(monkeypatch, impl, kernel, group_rows):
     x, w = _arrays(k=kernel)
     monkeypatch.setattr(layers, "WGRAD_GROUP_BYTES", group_rows * 6 * 6 * 4 * 4)
-    ours = lambda w, x: jnp.sum(jnp.sin(split(x, w, (1, 1), "SAME", dimension_numbers=DIMS)))
+    conv = layers.custom_conv_general_dilated(impl)
+    ours = lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=DIMS)))
     ref = lambda w, x: jnp.sum(jnp.sin(ref_conv(x, w)))
-    np.testing.assert_allclose(split(x[0], w, (1, 1), ((1, 1), (1, 1)) if kernel == 3 else "SAME"),
-                               ref_conv(x[0], w), rtol=1e-6, atol=1e-6)
+    explicit = ((1, 1), (1, 1)) if kernel == 3 else ((0, 0), (0, 0))
+    np.testing.assert_allclose(conv(x[0], w, (1, 1), explicit), ref_conv(x[0], w), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(w, x[0]), jax.grad(ref, (0, 1))(w, x[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # Per-example gradients (vmap over the leading axis, parameters shared), as DP-SGD takes them.
@@ -49,21 +50,42 @@ def test_values_gradients_and_per_example_gradients(monkeypatch, kernel, group_r
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 0), (0, 1)), "VALID"])
+def test_patches_with_other_paddings(padding):
+    """The patches passes hold for any stride-1 padding, not only SAME."""
+    x, w = _arrays(k=3)
+    conv = layers.custom_conv_general_dilated("patches")
+    ours = lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding)))
+    ref = lambda w, x: jnp.sum(jnp.sin(ref_conv(x, w, padding)))
+    np.testing.assert_allclose(conv(x[0], w, (1, 1), padding), ref_conv(x[0], w, padding), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.grad(ours, (0, 1))(w, x[0]), jax.grad(ref, (0, 1))(w, x[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_rejects_what_it_does_not_implement():
     x, w = _arrays()
     with pytest.raises(NotImplementedError):
-        split(x[0], w, (2, 2), "SAME", dimension_numbers=DIMS)
-    with pytest.raises(ValueError):
-        layers.set_conv_impl("cudnn")
+        layers.custom_conv_general_dilated("split_wgrad")(x[0], w, (2, 2), "SAME", dimension_numbers=DIMS)
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        layers.resolve_conv_impl("cudnn")
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        init_shapes(DDPMpp(**TINY, conv_impl="cudnn"))
+    assert layers.resolve_conv_impl("auto") == layers.AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
+
+
+def test_conv_impl_is_part_of_the_model_and_not_of_its_parameters():
+    a, b = DDPMpp(**TINY, conv_impl="xla"), DDPMpp(**TINY, conv_impl="patches")
+    assert a != b and hash(a) != hash(b)  # jit caches keyed on the model see the implementation
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), init_shapes(a)) == \
+        jax.tree.map(lambda s: (s.shape, s.dtype), init_shapes(b))
 
 
 TINY = dict(image_size=8, in_channels=2, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
             num_classes=3)
 
 
-def _clipped_sums(impl, monkeypatch, num_devices):
-    monkeypatch.setattr(layers, "_conv_impl", impl)
-    model = DDPMpp(**TINY)
+def _clipped_sums(impl, num_devices):
+    model = DDPMpp(**TINY, conv_impl=impl)
     shapes = init_shapes(model)
     rng = np.random.default_rng(1)
     params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32), shapes)["params"]
@@ -80,10 +102,11 @@ def _clipped_sums(impl, monkeypatch, num_devices):
     return got
 
 
-def test_dp_clipped_sum_same_with_both_impls_and_sharded(monkeypatch):
+@pytest.mark.parametrize("impl", CUSTOM)
+def test_dp_clipped_sum_same_as_xla_and_sharded(impl):
     """Tiny DDPM++ through the engine: identical clipped sums and norms (each example's own gradient)."""
-    (g_ref, s_ref) = _clipped_sums("xla", monkeypatch, 1)
-    (g, s) = _clipped_sums("split_wgrad", monkeypatch, 2)
+    (g_ref, s_ref) = _clipped_sums("xla", 1)
+    (g, s) = _clipped_sums(impl, 2)
     assert float(s.num_examples) == 3
     np.testing.assert_allclose(s.norm_sum, s_ref.norm_sum, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):

@@ -184,3 +184,19 @@ def test_sinusoidal_embedding_frequencies_span_one_to_one_over_max_period():
     freqs = 10000.0 ** -(np.arange(4) / 3)  # 1 ... 1e-4, both ends included
     np.testing.assert_allclose(emb, np.concatenate([np.sin(np.outer(t, freqs)), np.cos(np.outer(t, freqs))], 1),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_config_conv_impl_is_validated_from_the_registry_and_reaches_the_model():
+    from configs import test_tiny
+    from dpdm_jax import experiment
+    from dpdm_jax.models import CONV_IMPLS
+
+    config = test_tiny.get_config()
+    assert config.model.conv_impl == "auto"
+    config.model.conv_impl = "cudnn"
+    with pytest.raises(ValueError, match=r"model\.conv_impl must be one of"):
+        experiment.validate_config(config)
+    for impl in CONV_IMPLS:
+        config.model.conv_impl = impl
+        experiment.validate_config(config)
+        assert experiment.build_model(config).conv_impl == impl

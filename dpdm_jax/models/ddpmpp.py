@@ -16,6 +16,7 @@ import numpy as np
 from dpdm_jax.models.layers import (
     AttnBlock,
     ResBlock,
+    check_conv_impl,
     conv3x3,
     default_init,
     group_norm,
@@ -34,7 +35,9 @@ class DDPMpp(nn.Module):
     embedding MLP is 4 nf wide), ch_mult (width multiplier per resolution level),
     num_res_blocks (per level on the down path; the up path uses one more), attn_resolutions
     (spatial sizes with self-attention; the middle always has one), dropout (residual blocks,
-    train=True only), max_period (of the sinusoidal noise embedding).
+    train=True only), max_period (of the sinusoidal noise embedding), conv_impl (how the
+    convolutions are computed, one of layers.CONV_IMPLS: speed only, same parameters and
+    values; "auto" picks by backend when traced).
     """
 
     image_size: int
@@ -46,6 +49,7 @@ class DDPMpp(nn.Module):
     attn_resolutions: tuple = (16,)
     dropout: float = 0.0
     max_period: float = 10000.0
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, noise_labels, class_labels=None, train: bool = False):
@@ -56,6 +60,7 @@ class DDPMpp(nn.Module):
         assert height == width == self.image_size and c == self.in_channels, x.shape
         assert self.image_size % 2 ** (len(self.ch_mult) - 1) == 0, "image_size not divisible"
         nf, num_levels = self.nf, len(self.ch_mult)
+        check_conv_impl(self.conv_impl)
 
         # Conditioning: sinusoidal(c_noise) [+ label embedding] -> Dense, SiLU, Dense (4 nf).
         emb = sinusoidal_embedding(noise_labels, nf, self.max_period)
@@ -71,10 +76,11 @@ class DDPMpp(nn.Module):
         emb = nn.Dense(4 * nf, kernel_init=default_init, bias_init=zeros,
                        name="emb_dense1")(nn.silu(emb))
 
-        res_block = lambda ch, name, **kw: ResBlock(ch, dropout=self.dropout, name=name, **kw)
+        res_block = lambda ch, name, **kw: ResBlock(ch, dropout=self.dropout, conv_impl=self.conv_impl,
+                                                   name=name, **kw)
 
         # Down path; every intermediate output is kept as a skip for the up path.
-        h = conv3x3(nf, name="conv_in")(x)
+        h = conv3x3(nf, self.conv_impl, name="conv_in")(x)
         skips = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -104,7 +110,7 @@ class DDPMpp(nn.Module):
 
         # Head.
         h = nn.silu(group_norm(h.shape[-1], name="norm_out")(h))
-        return conv3x3(self.in_channels, init=near_zero_init, name="conv_out")(h)
+        return conv3x3(self.in_channels, self.conv_impl, init=near_zero_init, name="conv_out")(h)
 
 
 # Per-dataset fields of the paper's five networks (everything else is the DDPMpp default).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -38,43 +37,88 @@ def group_norm(channels: int, name: str | None = None) -> nn.GroupNorm:
 
 
 # --------------------------------------------------------------------------- convolutions
-# Two implementations of the same convolution (same parameters, same values):
-#   "xla":         lax.conv_general_dilated and its own autodiff.
-#   "split_wgrad": the same forward and input gradient, but the weight gradient is computed
-#                  in groups of rows, and per example when vmapped (DP-SGD's per-example
-#                  gradients). On XLA:CPU, (a) vmap of the weight gradient becomes one
-#                  grouped convolution (feature_group_count = batch) that ran 2-5x slower
-#                  than separate convolutions, and (b) one weight-gradient convolution over
-#                  many rows ran up to 3x slower than the sum of the same convolution over
-#                  groups of rows that fit in cache (docs/benchmarks.md).
-# "auto" picks split_wgrad on CPU and xla elsewhere (GPU convolution libraries handle both
-# cases). Chosen when a module is traced; override with DPDM_CONV_IMPL or set_conv_impl().
-CONV_IMPLS = ("auto", "xla", "split_wgrad")
-_conv_impl = os.environ.get("DPDM_CONV_IMPL", "auto")
-# Rows per weight-gradient group: as many as fit in this many bytes of input activations.
+# Implementations of the same convolution (same parameters, same values), chosen per model by
+# DDPMpp.conv_impl (this registry is what the config check and the tests read):
+#   "xla":           lax.conv_general_dilated and its own autodiff.
+#   "split_wgrad":   XLA's forward and input gradient; the weight gradient computed in groups of
+#                    rows, and one convolution per example when vmapped (DP-SGD's per-example
+#                    gradients). On XLA:CPU, (a) vmap of the weight gradient becomes one grouped
+#                    convolution (feature_group_count = batch) that ran 2-5x slower than separate
+#                    convolutions, and (b) one weight-gradient convolution over many rows ran up
+#                    to 3x slower than the sum over groups of rows that fit in cache.
+#   "patches_wgrad": XLA's forward and input gradient; the weight gradient as patches^T @ g, a
+#                    matrix product ((kh kw Cin, rows H W) @ (rows H W, Cout)), a batched one
+#                    when vmapped.
+#   "patches":       every pass a matrix product over patches: forward patches(x) @ W, input
+#                    gradient patches(g) @ flip(W)^T, weight gradient as in patches_wgrad.
+#   "per_shape":     what measured fastest per layer shape on XLA:CPU: 1x1 convolutions as
+#                    "patches" (plain matrix products), the others as "split_wgrad".
+# "auto" resolves by backend when a module is traced (resolve_conv_impl). docs/benchmarks.md
+# has the per-layer and whole-step measurements behind the CPU choice.
+CONV_IMPLS = ("auto", "xla", "split_wgrad", "patches_wgrad", "patches", "per_shape")
+AUTO_CONV_IMPL = {"cpu": "split_wgrad"}  # backend -> implementation; any other backend: "xla"
+# Rows per weight-gradient group (split_wgrad): as many as fit in this many bytes of input.
 WGRAD_GROUP_BYTES = 1 << 20
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def set_conv_impl(name: str) -> None:
-    """Select the convolution implementation for modules traced from now on."""
-    global _conv_impl
+def check_conv_impl(name: str) -> str:
+    """`name` if it is one of CONV_IMPLS, else ValueError."""
     if name not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {name!r}")
-    _conv_impl = name
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {name!r}")
+    return name
 
 
-def conv_impl() -> str:
-    """The implementation in use ("xla" or "split_wgrad"), "auto" resolved by backend."""
-    if _conv_impl not in CONV_IMPLS:
-        raise ValueError(f"DPDM_CONV_IMPL must be one of {CONV_IMPLS}, got {_conv_impl!r}")
-    if _conv_impl == "auto":
-        return "split_wgrad" if jax.default_backend() == "cpu" else "xla"
-    return _conv_impl
+def resolve_conv_impl(name: str) -> str:
+    """The implementation `name` stands for on the default backend ("auto" resolved)."""
+    if check_conv_impl(name) == "auto":
+        return AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
+    return name
 
 
 def _conv(x, w, padding):
     return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DIMS)
+
+
+def _explicit_padding(padding, kernel_hw, in_hw):
+    """((lo, hi), (lo, hi)) for a stride-1 convolution."""
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(in_hw, kernel_hw, (1, 1), padding))
+    return tuple(padding)
+
+
+def _patches(x, kernel_hw, padding):
+    """(N, H, W, C) -> (N, H', W', kh kw C): the (dy, dx, c)-ordered windows of a stride-1 conv."""
+    (kh, kw), pads = kernel_hw, _explicit_padding(padding, kernel_hw, x.shape[1:3])
+    if (kh, kw) == (1, 1) and pads == ((0, 0), (0, 0)):
+        return x
+    xp = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    return jnp.concatenate([xp[:, dy:dy + ho, dx:dx + wo, :] for dy in range(kh) for dx in range(kw)],
+                           axis=-1)
+
+
+def _patches_conv(x, w, padding):
+    """conv(x, w) as patches(x) @ W (W: HWIO reshaped to (kh kw Cin, Cout))."""
+    kh, kw, cin, cout = w.shape
+    p = _patches(x, (kh, kw), padding)
+    return lax.dot_general(p, w.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+
+
+def _patches_weight_grad(x, g, w, padding):
+    """d/dw of sum(g * conv(x, w)) = patches(x)^T @ g over all rows, as HWIO."""
+    kh, kw, cin, cout = w.shape
+    p = _patches(x, (kh, kw), padding)
+    gw = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
+    return gw.reshape(kh, kw, cin, cout).astype(w.dtype)
+
+
+def _patches_input_grad(g, w, padding, x):
+    """d/dx of sum(g * conv(x, w)): the full convolution of g with the flipped, transposed kernel."""
+    kh, kw = w.shape[:2]
+    pads = _explicit_padding(padding, (kh, kw), x.shape[1:3])
+    back = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+    return _patches_conv(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), back)
 
 
 def _weight_grad_rows(x, g, w, padding):
@@ -112,53 +156,79 @@ def _weight_grad_fn(padding):
     return weight_grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _split_wgrad_conv(x, w, padding):
-    return _conv(x, w, padding)
-
-
-def _split_wgrad_fwd(x, w, padding):
-    return _conv(x, w, padding), (x, w)
-
-
-def _split_wgrad_bwd(padding, residuals, g):
-    x, w = residuals
+def _xla_input_grad(g, w, padding, x):
     _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, padding), x)
-    return vjp_x(g)[0], _weight_grad_fn(padding)(x, g, w)
+    return vjp_x(g)[0]
 
 
-_split_wgrad_conv.defvjp(_split_wgrad_fwd, _split_wgrad_bwd)
+# impl -> (forward, input gradient, weight gradient); "xla" uses lax.conv's own autodiff.
+_PASSES = {
+    "split_wgrad": (_conv, lambda g, w, padding, x: _xla_input_grad(g, w, padding, x),
+                    lambda x, g, w, padding: _weight_grad_fn(padding)(x, g, w)),
+    "patches_wgrad": (_conv, lambda g, w, padding, x: _xla_input_grad(g, w, padding, x),
+                      _patches_weight_grad),
+    "patches": (_patches_conv, _patches_input_grad,
+                _patches_weight_grad),
+}
 
 
-def split_wgrad_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                     rhs_dilation=None, dimension_numbers=None,
-                                     feature_group_count=1, precision=None, **unused):
-    """Drop-in for lax.conv_general_dilated as nn.Conv calls it (stride 1, NHWC/HWIO only)."""
-    ones = lambda v: v is None or all(int(d) == 1 for d in v)
-    if not (ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
-            and feature_group_count == 1 and lhs.ndim == 4):
-        raise NotImplementedError("split_wgrad supports plain stride-1 2-D convolutions only")
-    if dimension_numbers is not None:
-        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS):
-            raise NotImplementedError(f"split_wgrad expects NHWC/HWIO, got {dimension_numbers}")
-    if not isinstance(padding, str):
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _split_wgrad_conv(lhs, rhs, padding)
+def _per_shape(kernel_hw) -> str:
+    return "patches" if tuple(kernel_hw) == (1, 1) else "split_wgrad"
 
 
-def _conv_fn():
-    return split_wgrad_conv_general_dilated if conv_impl() == "split_wgrad" else None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _custom_conv(x, w, padding, impl):
+    return _PASSES[impl][0](x, w, padding)
 
 
-def conv3x3(features: int, init=default_init, name: str | None = None) -> nn.Conv:
+def _custom_conv_fwd(x, w, padding, impl):
+    return _PASSES[impl][0](x, w, padding), (x, w)
+
+
+def _custom_conv_bwd(padding, impl, residuals, g):
+    x, w = residuals
+    _, input_grad, weight_grad = _PASSES[impl]
+    return input_grad(g, w, padding, x), weight_grad(x, g, w, padding)
+
+
+_custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
+
+
+def custom_conv_general_dilated(impl: str):
+    """A drop-in for lax.conv_general_dilated as nn.Conv calls it (stride 1, NHWC/HWIO only),
+    computed by implementation `impl` (a key of _PASSES)."""
+
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+        ones = lambda v: v is None or all(int(d) == 1 for d in v)
+        if not (ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
+                and feature_group_count == 1 and lhs.ndim == 4):
+            raise NotImplementedError(f"{impl} supports plain stride-1 2-D convolutions only")
+        if dimension_numbers is not None:
+            dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMS):
+                raise NotImplementedError(f"{impl} expects NHWC/HWIO, got {dimension_numbers}")
+        if not isinstance(padding, str):
+            padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        passes = _per_shape(rhs.shape[:2]) if impl == "per_shape" else impl
+        return _custom_conv(lhs, rhs, padding, passes)
+
+    return conv_general_dilated
+
+
+def _conv_fn(impl: str):
+    impl = resolve_conv_impl(impl)
+    return None if impl == "xla" else custom_conv_general_dilated(impl)
+
+
+def conv3x3(features: int, conv_impl: str, init=default_init, name: str | None = None) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding="SAME", kernel_init=init, bias_init=zeros, name=name,
-                   conv_general_dilated=_conv_fn())
+                   conv_general_dilated=_conv_fn(conv_impl))
 
 
-def conv1x1(features: int, init=default_init, name: str | None = None) -> nn.Conv:
+def conv1x1(features: int, conv_impl: str, init=default_init, name: str | None = None) -> nn.Conv:
     return nn.Conv(features, (1, 1), kernel_init=init, bias_init=zeros, name=name,
-                   conv_general_dilated=_conv_fn())
+                   conv_general_dilated=_conv_fn(conv_impl))
 
 
 def downsample(x: jnp.ndarray) -> jnp.ndarray:
@@ -198,6 +268,7 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     dropout: float = 0.0
+    conv_impl: str = "auto"  # one of CONV_IMPLS
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
@@ -208,16 +279,16 @@ class ResBlock(nn.Module):
             h, x = upsample(h), upsample(x)
         elif self.down:
             h, x = downsample(h), downsample(x)
-        h = conv3x3(self.out_ch, name="conv0")(h)
+        h = conv3x3(self.out_ch, self.conv_impl, name="conv0")(h)
         # Noise/label conditioning as a per-channel bias, broadcast over H and W.
         h = h + nn.Dense(self.out_ch, kernel_init=default_init, bias_init=zeros,
                          name="emb_proj")(nn.silu(emb))[:, None, None, :]
         h = nn.silu(group_norm(self.out_ch, name="norm1")(h))
         if self.dropout > 0:
             h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = conv3x3(self.out_ch, init=near_zero_init, name="conv1")(h)
+        h = conv3x3(self.out_ch, self.conv_impl, init=near_zero_init, name="conv1")(h)
         if in_ch != self.out_ch or self.up or self.down:
-            x = conv1x1(self.out_ch, name="skip")(x)
+            x = conv1x1(self.out_ch, self.conv_impl, name="skip")(x)
         return (x + h) / math.sqrt(2.0)
 
 
