@@ -30,6 +30,7 @@ import time
 from proc_memory import reset_peak, status_kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NETWORKS = {"mnist": {}, "quickstart": dict(nf=16, num_res_blocks=1, attn_resolutions=())}
 
 
 def worker(cfg):
@@ -45,7 +46,8 @@ def worker(cfg):
     from dpdm_jax.models import ddpmpp_for, init_shapes
 
     chunk, k = cfg["chunk"], cfg["k"]
-    model = ddpmpp_for("mnist")
+    # The paper's MNIST network, or the quickstart's (configs/quickstart.py).
+    model = ddpmpp_for("mnist", **NETWORKS[cfg.get("network", "mnist")])
     shapes = init_shapes(model)["params"]
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)), shapes)
@@ -107,6 +109,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[4, 16, 64], help="logical batch sizes (examples)")
     p.add_argument("--k", type=int, default=32, help="noise draws per example")
     p.add_argument("--microbatch", type=int, default=None, help="DPSGDStep microbatch_size")
+    p.add_argument("--network", choices=sorted(NETWORKS), default="mnist", help="DDPM++ network")
     p.add_argument("--threads", type=int, default=None, help="CPUs per worker (affinity mask)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -117,9 +120,11 @@ def main():
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "load_avg_at_start": os.getloadavg(), "network": "DDPMpp mnist (1,753,345 params)", "results": []}
+           "load_avg_at_start": os.getloadavg(), "network": args.network, "microbatch": args.microbatch,
+           "results": []}
     for chunk in args.chunks:
-        cfg = dict(chunk=chunk, k=args.k, batches=sorted(args.batches), microbatch=args.microbatch, threads=args.threads)
+        cfg = dict(chunk=chunk, k=args.k, batches=sorted(args.batches), microbatch=args.microbatch, threads=args.threads,
+                   network=args.network)
         try:
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                                stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
