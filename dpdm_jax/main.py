@@ -17,7 +17,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py:eps1.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export"],
-                  "What to run (export: a publishable release of the EMA weights, no seed)."))
+                  "What to run (export: a publishable release of the EMA weights, no seed).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
