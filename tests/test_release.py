@@ -158,3 +158,50 @@ def test_main_export_and_sample_errors_are_one_line(tmp_path):
         assert out.returncode == 2 and "Traceback" not in out.stderr and last.startswith("error: "), out.stderr[-2000:]
     assert "does not exist" in last
     assert not glob.glob(str(tmp_path / "empty" / "release*"))
+
+
+@pytest.mark.slow  # three `python -m dpdm_jax.main` runs on the shared 2-core machine
+def test_real_image_folder_trains_exports_and_samples_from_the_release_alone(tmp_path):
+    """Issue 13's 'done when': Fashion-MNIST PNGs in class folders -> 2 DP steps -> export ->
+    the release copied elsewhere, the run deleted -> samples and a PNG tree from the release."""
+    from dpdm_jax.data import DataError, load_dataset
+    from PIL import Image
+
+    try:
+        real = load_dataset("fashion_mnist", "train")
+    except DataError:
+        pytest.skip("Fashion-MNIST is not cached")
+    root = tmp_path / "fashion"
+    for label, name in {0: "t-shirt", 1: "trouser", 7: "sneaker"}.items():
+        os.makedirs(root / name)
+        for i in np.flatnonzero(real.labels == label)[:20]:
+            Image.fromarray(real.images[i, ..., 0]).save(root / name / f"{i:05d}.png")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "DPDM_DATA_NO_FETCH": "1",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+
+    def main(*args):
+        out = subprocess.run([sys.executable, "-m", "dpdm_jax.main", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    workdir = tmp_path / "run"
+    data = ["--config=configs/test_tiny.py", f"--workdir={workdir}", "--config.data.name=folder",
+            f"--config.data.path={root}", "--config.data.image_size=8", "--config.data.channels=1"]
+    main(*data, "--config.training.max_steps=2", "--config.training.sample_every=-1")
+    assert "Release" in main(*data, "--mode=export").stdout
+    sent = tmp_path / "sent"
+    shutil.copytree(workdir / "release", sent)
+    shutil.rmtree(workdir)
+    shutil.rmtree(root)
+    out = tmp_path / "out"
+    main(f"--config=configs/release.py:{sent}", f"--workdir={out}", "--mode=sample",
+         "--config.sampling.num_samples=9", "--config.sampling.batch_size=4", "--config.sampling.write_png=True")
+    samples = np.load(out / "samples" / "samples_step2.npz")
+    assert samples["images"].shape == (9, 8, 8, 1)
+    tree = out / "samples" / "step2"
+    assert sorted(os.listdir(tree)) == ["manifest.json", "sneaker", "t-shirt", "trouser"]
+    assert len(glob.glob(str(tree / "*" / "*.png"))) == 9
+    manifest = json.load(open(tree / "manifest.json"))
+    assert manifest["guarantee"]["dataset_size_N"] == 60 and manifest["guarantee"]["dataset"] == "folder"
+    assert manifest["privacy"].startswith("NO guarantee: the seed is public")  # test_tiny's fixed seed
