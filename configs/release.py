@@ -22,5 +22,8 @@ def get_config(release_dir: str = ""):
             defaults = {}
         for key, value in defaults.items():
             if key in config.sampling:
-                config.sampling[key] = value
+                try:
+                    config.sampling[key] = value
+                except TypeError:  # e.g. labels=3 where the default is 'balanced': keep the type
+                    config.sampling[key] = str(value)
     return config
