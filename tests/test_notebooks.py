@@ -28,7 +28,8 @@ def test_notebook_is_stripped_and_opens_with_install_and_runtime_cells(name):
 
 
 # privacy_accounting is arithmetic only (37 s on the loaded 2-core build machine): always run. The
-# other two run several tiny dpdm_jax trainings each: slow (CI runs them after the default suite).
+# other two run several tiny dpdm_jax trainings each, mostly XLA compiles: slow (CI runs them after
+# the default suite). Measured 2026-12-02 with load average ~11: quickstart 602 s, your_own_data 578 s.
 @pytest.mark.parametrize("name", ["privacy_accounting", pytest.param("quickstart", marks=pytest.mark.slow),
                                   pytest.param("your_own_data", marks=pytest.mark.slow)])
 def test_notebook_executes_at_ci_size(name, monkeypatch):
