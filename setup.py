@@ -27,6 +27,11 @@ EXTRAS = {
         "pytest-xdist==3.8.0",
         "hypothesis==6.170.17",
         "jax-privacy==2.0.0",  # independent reference for the clipped sum
+        # The notebooks (notebooks/*.ipynb), executed headless by tests/test_notebooks.py.
+        "nbclient==0.11.0",
+        "nbformat==5.10.4",
+        "ipykernel==7.1.0",
+        "matplotlib==3.11.2",
     ],
     # Only for converting / checking the FID network; never at run time.
     "torch": ["torch==2.13.0"],

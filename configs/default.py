@@ -83,6 +83,17 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 256
     sampling.labels = "balanced"  # balanced | uniform | <class index>
     sampling.checkpoint_step = -1  # -1: latest
+    # A release directory (--mode=export): sample from it alone, no checkpoint or data needed.
+    sampling.release = ""
+    # The sampling randomness: -1 a fresh seed from the OS, >= 0 reproducible. Public (it is
+    # written to the samples' manifest) and independent of the training seed.
+    sampling.seed = -1
+    sampling.write_png = False  # also an ImageFolder PNG tree samples/step<k>/<class>/<i>.png
+
+    # --mode=export: a publishable release (EMA weights, model.json, manifest.json; no seed).
+    config.export = export = ml_collections.ConfigDict()
+    export.step = -1  # the checkpoint step to export; -1: the latest
+    export.dir = ""  # "" -> WORKDIR/release; an existing non-empty directory is refused
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.num_samples = 60000

@@ -207,7 +207,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _bool("eval.label_accuracy", ev.label_accuracy)
     _int("eval.label_classifier_epochs", ev.label_classifier_epochs, 1)
 
-    s = config.sampling
+    validate_sampling(config.sampling, spec.num_classes)
+    _int("export.step", config.export.step, -1)
+    if not isinstance(config.export.dir, str):
+        raise TypeError(f"export.dir must be a directory or '', got {config.export.dir!r}")
+
+
+def validate_sampling(s: ml_collections.ConfigDict, num_classes: int | None) -> None:
+    """The sampling.* fields, for a model with `num_classes` classes (None: unconditional).
+
+    Shared by a run's config check and `--mode=sample` from a release (whose classes come from
+    its model.json, not from the config's data section).
+    """
     _choice("sampling.sampler", s.sampler, SAMPLERS)
     _int("sampling.num_steps", s.num_steps, 1)
     _real("sampling.guidance_weight", s.guidance_weight)
@@ -218,14 +229,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _int("sampling.num_samples", s.num_samples, 1)
     _int("sampling.batch_size", s.batch_size, 1)
     _int("sampling.checkpoint_step", s.checkpoint_step, -1)
+    _bool("sampling.write_png", s.write_png)
+    if not isinstance(s.release, str):
+        raise TypeError(f"sampling.release must be a release directory or '', got {s.release!r}")
+    if _int("sampling.seed", s.seed, -1) >= 2**62:
+        raise ValueError(f"sampling.seed must be -1 (fresh) or in [0, 2**62), got {s.seed}")
     if s.labels not in ("balanced", "uniform"):
         label = s.labels
         if isinstance(label, str) and label.strip().isdigit():
             label = int(label)
         if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0 or (
-                spec.num_classes is not None and label >= spec.num_classes):
+                num_classes is not None and label >= num_classes):
             raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index in "
-                             f"[0, {spec.num_classes}), got {s.labels!r}")
+                             f"[0, {num_classes}), got {s.labels!r}")
 
 
 def _validate_user_data(d: ml_collections.ConfigDict) -> None:
@@ -377,3 +393,4 @@ def host_examples(data: Dataset, indices: np.ndarray, conditional: bool) -> dict
     """Rows `indices` as model inputs: {'image': float32 [-1, 1] (B,H,W,C), 'label': int32 (B,)}."""
     labels = data.labels[indices] if conditional else np.zeros(len(indices), np.int32)
     return {"image": to_model_range(data.images[indices]), "label": np.asarray(labels, np.int32)}
+

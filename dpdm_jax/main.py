@@ -1,4 +1,4 @@
-"""Entry point: python -m dpdm_jax.main --config=configs/mnist.py:eps1 --workdir=DIR --mode=train|sample|eval
+"""Entry point: python -m dpdm_jax.main --config=configs/mnist.py:eps1 --workdir=DIR --mode=train|sample|eval|export
 
 User errors (a bad config or flag, missing or corrupt data, no restorable checkpoint) end the run
 with exit status 2 and one `error: ...` line on stderr; --verbosity=1 also logs the traceback.
@@ -16,7 +16,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnist.py:eps1.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export"],
+                  "What to run (export: a publishable release of the EMA weights, no seed).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -74,6 +75,10 @@ def _run(mode, config, workdir):
         from dpdm_jax import sample
 
         sample.run(config, workdir)
+    elif mode == "export":
+        from dpdm_jax import export
+
+        export.run(config, workdir)
     else:
         from dpdm_jax.evaluation import report
 
