@@ -10,16 +10,16 @@ import numbers
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
 from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
                            load_npz, npz_target, synthetic_dataset, to_model_range)
 from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
 from dpdm_jax.dp import DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
-from dpdm_jax.models import DDPMpp
+from dpdm_jax.models import DDPMpp, init_variables  # noqa: F401  (init_variables: used by the modes)
 from dpdm_jax.models.layers import CONV_IMPLS
 
 # image size, channels, number of classes (None: the dataset has no labels we use).
@@ -319,6 +319,11 @@ def make_ledger(config: ml_collections.ConfigDict, schedule: PrivacySchedule,
     return make_plan(config, schedule).ledger(config.seed < 0 if seed_secret is None else seed_secret)
 
 
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
 def build_model(config: ml_collections.ConfigDict) -> DDPMpp:
     spec = image_spec(config)
     m = config.model
@@ -342,25 +347,6 @@ class _ModelApply:
 def model_apply_fn(model: DDPMpp) -> _ModelApply:
     """F(params, x_in (B,H,W,C), c_noise (B,), labels (B,) or None) -> (B,H,W,C)."""
     return _ModelApply(model)
-
-
-def init_variables(model: DDPMpp, key: jax.Array) -> dict:
-    """Initial variables from a PRNG key (derive it from the run key: `dp.init_key`).
-
-    Not from an integer seed: jax.random.key(seed) keeps only its low 32 bits, so the initial
-    parameters (public in the usual threat model) would reveal them. The key is turned into an
-    'rbg' key by the PRF (XLA:CPU compiles 'rbg' initialisers ~4x faster).
-    """
-    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        raise TypeError(f"init_variables needs a typed PRNG key (e.g. dp.init_key(run key)), got {type(key).__name__}")
-    spec_shape = (1, model.image_size, model.image_size, model.in_channels)
-    labels = None if model.num_classes is None else jnp.zeros((1,), jnp.int32)
-
-    def init(k):
-        rbg = jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl="rbg")
-        return model.init(rbg, jnp.zeros(spec_shape), jnp.zeros((1,)), labels)
-
-    return jax.jit(init)(key)
 
 
 def per_example_loss(config: ml_collections.ConfigDict, model: DDPMpp):

@@ -75,9 +75,9 @@ def _run(mode, config, workdir):
 
         sample.run(config, workdir)
     else:
-        from dpdm_jax.evaluation import report
+        from dpdm_jax import evaluate
 
-        report.run(config, workdir)
+        evaluate.run(config, workdir)
 
 
 if __name__ == "__main__":

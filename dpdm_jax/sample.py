@@ -11,7 +11,8 @@ from absl import logging
 from dpdm_jax import experiment
 import json
 
-from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
+from dpdm_jax import checkpoint
+from dpdm_jax.checkpoint import ledger_from_metadata
 from dpdm_jax.data import from_model_range
 from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, sample_images
 from dpdm_jax.metrics import save_image_grid
@@ -61,19 +62,10 @@ def generate(config: ml_collections.ConfigDict, model, params, num_samples: int,
 
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, step: int = -1):
     """(model, EMA params, checkpoint metadata) from `workdir/checkpoints`."""
-    from dpdm_jax.train import state_template  # the state layout the trainer saves
-
     model = experiment.build_model(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    template = state_template(config, model)
-    if step >= 0:
-        state, meta = ckpt.restore(step, template)
-    else:
-        restored = ckpt.restore_latest(template)
-        if restored is None:
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
-        state, meta = restored
-    return model, state.ema_params, meta
+    template = checkpoint.state_template(model, experiment.make_optimizer(config))
+    ema_params, meta = checkpoint.restore_ema_params(os.path.join(workdir, "checkpoints"), template, step)
+    return model, ema_params, meta
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:

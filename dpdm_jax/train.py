@@ -19,31 +19,22 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from dpdm_jax import experiment, sample
 from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
+from dpdm_jax.checkpoint import state_template as checkpoint_state_template
 from dpdm_jax.dp import (NO_GUARANTEE_PUBLIC_SEED, NO_PRIVACY, PrivacyLedger, TrainState, check_params_only,
                          data_mesh, run_keys)
 from dpdm_jax.metrics import MetricsWriter, Progress, format_eta, save_image_grid
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    o = config.optim
-    return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
+make_optimizer = experiment.make_optimizer  # the optimiser is built from the config, in the builders
 
 
 def state_template(config: ml_collections.ConfigDict, model) -> TrainState:
-    """An abstract TrainState (shapes, dtypes, one-device sharding) of the saved layout; no compute."""
-
-    def build():
-        params = experiment.init_variables(model, jax.random.key(0))["params"]
-        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                          opt_state=make_optimizer(config).init(params), ema_params=params)
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(build))
+    """An abstract TrainState of the saved layout (checkpoint.state_template with the config's optimiser)."""
+    return checkpoint_state_template(model, experiment.make_optimizer(config))
 
 
 def privacy_summary(ledger: PrivacyLedger) -> str:
@@ -234,11 +225,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             logging.info("Wrote %s", path)
 
     def write_fid(step):
-        from dpdm_jax.evaluation import report  # loads the Inception network only when asked
+        from dpdm_jax import evaluate  # loads the Inception network only when asked
 
         key = jax.random.fold_in(jax.random.fold_in(grid_key, step), 1)
         images, _ = sample.generate(config, model, state.ema_params, t.fid_num_samples, key)
-        fid = report.compute_fid(config, images, workdir)
+        fid = evaluate.compute_fid(config, images, workdir)
         writer.write(step, {"fid": fid, "fid_num_samples": t.fid_num_samples})
         logging.info("step %d  FID(%d samples vs train stats) %.2f", step, t.fid_num_samples, fid)
 

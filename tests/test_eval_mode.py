@@ -7,7 +7,8 @@ import pytest
 
 from configs import test_tiny
 from dpdm_jax import train
-from dpdm_jax.evaluation import inception, report
+from dpdm_jax import evaluate as report
+from dpdm_jax.evaluation import inception
 
 WEIGHTS = os.environ.get("DPDM_INCEPTION_NPZ", inception.default_npz_path())
 

@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from dpdm_jax.data import formats
+import dpdm_jax.data.formats as formats
 from dpdm_jax.data.dataset import DataError, Dataset
 
 log = logging.getLogger(__name__)

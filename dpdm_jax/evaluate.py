@@ -1,4 +1,4 @@
-"""--mode=eval: samples from a checkpoint's EMA weights -> FID + downstream accuracies -> one JSON.
+"""--mode=eval (app layer): samples from a checkpoint's EMA weights -> FID + downstream accuracies -> one JSON.
 
 The report says which numbers are outside the DP guarantee: FID uses statistics of the private
 training set, and classifier accuracies are measured on the real test set (selection of the
