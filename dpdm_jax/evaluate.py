@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from dpdm_jax import experiment, sample
-from dpdm_jax.data import load_dataset, synthetic_dataset
+from dpdm_jax.data import synthetic_dataset
 from dpdm_jax.checkpoint import ledger_from_metadata
 
 OUTSIDE_DP = {
@@ -47,7 +47,7 @@ def _test_split(config: ml_collections.ConfigDict):
     if d.name == "synthetic":  # a second draw of the same synthetic distribution
         return synthetic_dataset(d.synthetic_size, d.synthetic_image_size, d.synthetic_channels,
                                  d.synthetic_num_classes, seed=1)
-    return load_dataset(d.name, "test", d.data_dir or None)
+    return experiment.load_public_split(config, "test")
 
 
 def compute_fid(config, images: np.ndarray, workdir: str) -> float:
@@ -57,7 +57,7 @@ def compute_fid(config, images: np.ndarray, workdir: str) -> float:
                                                     batch_size=config.eval.fid_batch_size)
     # Synthetic and user data have no global identity: cache their statistics inside the run.
     local = config.data.name == "synthetic" or config.data.name in experiment.USER_DATASETS
-    cache_dir = os.path.join(workdir, "fid_stats") if local else None
+    cache_dir = os.path.join(workdir, "fid_stats") if local else (config.eval.fid_stats_dir or None)
     ref = fid.reference_statistics(
         config.data.name, "train", images=lambda: experiment.load_training_data(config).images,
         extractor=extractor, cache_dir=cache_dir, num_images=config.eval.fid_reference_images or None,
@@ -86,8 +86,9 @@ def compute_label_accuracy(config, images: np.ndarray, labels: np.ndarray, workd
 
     synthetic = config.data.name == "synthetic"
     clf = la.get_label_classifier(
-        config.data.name, train=experiment.load_training_data(config) if synthetic else None,
-        test=_test_split(config) if synthetic else None, data_dir=config.data.data_dir or None,
+        config.data.name,
+        train=experiment.load_training_data(config) if synthetic else experiment.load_public_split(config, "train"),
+        test=_test_split(config), data_dir=config.data.data_dir or None,
         cache_dir=os.path.join(workdir, "label_classifier") if synthetic else None,
         epochs=config.eval.label_classifier_epochs)
     return la.label_accuracy(images, labels, clf) | {"outside_dp_guarantee": la.OUTSIDE_DP}

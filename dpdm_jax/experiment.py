@@ -246,6 +246,12 @@ def _validate_user_data(d: ml_collections.ConfigDict) -> None:
                          f"(1: grayscale, 3: RGB, 0: as stored), got {d.channels}")
 
 
+def load_public_split(config: ml_collections.ConfigDict, split: str) -> Dataset:
+    """A whole split of a public dataset (data.name), from data.data_dir / data.tfds_dir, fetched if data.fetch."""
+    d = config.data
+    return load_dataset(d.name, split, d.data_dir or None, fetch=d.fetch, tfds_dir=d.tfds_dir or None)
+
+
 def load_training_data(config: ml_collections.ConfigDict) -> Dataset:
     """The private training set, as uint8 in memory."""
     d = config.data
@@ -257,7 +263,7 @@ def load_training_data(config: ml_collections.ConfigDict) -> Dataset:
     elif d.name == "npz":
         data = load_npz(d.path, d.image_size, d.channels)
     else:
-        data = load_dataset(d.name, "train", d.data_dir or None)
+        data = load_public_split(config, "train")
     if data.class_names is not None:
         logging.info("%s: %d images; label i is class %s", data.name, len(data),
                      dict(enumerate(data.class_names)))

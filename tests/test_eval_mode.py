@@ -23,6 +23,7 @@ def test_eval_report(tmp_path):
     config.eval.num_samples = 30
     config.eval.classifier_epochs = 2
     config.eval.classifiers = ("logreg", "mlp")
+    config.eval.inception_weights = WEIGHTS  # the environment reaches the app only through main.py
     train.train(config, str(tmp_path))
     result = report.run(config, str(tmp_path))
     saved = json.load(open(tmp_path / "eval" / "report_step2.json"))

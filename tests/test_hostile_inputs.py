@@ -221,7 +221,8 @@ def write_idx(path, array):
 
 
 def mnist_config(data_dir):
-    return loose_config(**{"data.name": "mnist", "data.data_dir": str(data_dir), "model.attn_resolutions": (7,)})
+    return loose_config(**{"data.name": "mnist", "data.data_dir": str(data_dir), "model.attn_resolutions": (7,),
+                           "data.fetch": False, "data.tfds_dir": ""})
 
 
 @pytest.mark.parametrize("case, match", [

@@ -91,6 +91,14 @@ def test_no_import_cycles():
             visit(m)
 
 
+# (module, line text) -> why that read of os.environ is not a setting read from the environment.
+ENVIRONMENT_EXEMPT = {
+    ("dpdm_jax.data.sources", "env = dict(os.environ, npm_config_update_notifier"):
+        "passes this process's environment (PATH, proxies) through to the npm / apt-get child process; "
+        "no value is read from it",
+}
+
+
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == 0))
 def test_libraries_read_no_config_and_no_environment(module):
     source = open(MODULES[module]).read()
@@ -101,4 +109,7 @@ def test_libraries_read_no_config_and_no_environment(module):
             assert not any(n.startswith("ml_collections") for n in names), f"{module} imports ml_collections"
         if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and \
                 isinstance(node.value, ast.Name) and node.value.id == "os":
+            line = source.splitlines()[node.lineno - 1].strip()
+            if any(module == m and line.startswith(text) for m, text in ENVIRONMENT_EXEMPT):
+                continue
             pytest.fail(f"{module} reads the environment (os.{node.attr}, line {node.lineno})")
