@@ -18,6 +18,7 @@ from absl import logging
 from dpdm_jax import experiment, sample
 from dpdm_jax.data import synthetic_dataset
 from dpdm_jax.checkpoint import ledger_from_metadata
+from dpdm_jax.diffusion import resolve_labels
 
 OUTSIDE_DP = {
     "fid": "FID compares with Inception statistics of the PRIVATE training set; the statistics are "
@@ -103,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     spec = experiment.image_spec(config)
     n = config.eval.num_samples
     tic = time.time()
-    labels = None if spec.num_classes is None else np.arange(n, dtype=np.int32) % spec.num_classes
+    labels = resolve_labels("balanced", n, spec.num_classes)  # every class equally often
     images, labels = sample.generate(config, model, ema_params, n, jax.random.key(max(config.seed, 0) + 1),
                                      labels=labels)
     logging.info("Generated %d samples in %.0f s.", n, time.time() - tic)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 
 import jax
@@ -17,10 +16,17 @@ from absl import logging
 
 from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
                            load_npz, npz_target, synthetic_dataset, to_model_range)
-from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
-from dpdm_jax.dp import DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
+from dpdm_jax.diffusion import (PARAMETERISATIONS, SAMPLERS, get_parameterisation, get_sampler, make_per_example_loss,
+                                resolve_labels)
+from dpdm_jax.dp import ACCOUNTANTS, DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
+from dpdm_jax.evaluation.classifiers import KINDS as CLASSIFIER_KINDS
 from dpdm_jax.models import DDPMpp, init_variables  # noqa: F401  (init_variables: used by the modes)
 from dpdm_jax.models.layers import CONV_IMPLS
+from dpdm_jax.validation import require_bool as _bool
+from dpdm_jax.validation import require_choice as _choice
+from dpdm_jax.validation import require_int as _int
+from dpdm_jax.validation import require_real as _real
+from dpdm_jax.validation import require_str as _str
 
 # image size, channels, number of classes (None: the dataset has no labels we use).
 DATASET_INFO = {
@@ -33,8 +39,6 @@ DATASET_INFO = {
 }
 USER_DATASETS = ("folder", "npz")  # your own images: size, channels, classes from data.* and the files
 DATASET_NAMES = tuple(sorted(DATASET_INFO)) + ("synthetic",) + USER_DATASETS
-PARAMETERISATIONS = ("vp", "ve", "v", "edm")
-SAMPLERS = ("ddim", "ddim_stochastic", "edm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,38 +87,6 @@ def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
     return ImageSpec(size, channels, classes if config.data.conditional else None)
 
 
-def _int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
-          hi_open: bool = False) -> float:
-    """A finite real number in the interval [lo, hi] (an end is excluded if *_open)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
-        interval = f"{'(' if lo_open or lo == -math.inf else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
-    return v
-
-
-def _choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks that need no data and no compute: fail before anything expensive starts.
 
@@ -129,8 +101,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown dataset {d.name!r} (data.name); choose one of {list(DATASET_NAMES)}")
     _bool("data.conditional", d.conditional)
     _int("data.max_examples", d.max_examples, 0)
-    if not isinstance(d.data_dir, str):
-        raise TypeError(f"data.data_dir must be a string, got {type(d.data_dir).__name__} {d.data_dir!r}")
+    _str("data.data_dir", d.data_dir)
+    _bool("data.fetch", d.fetch)
+    _str("data.tfds_dir", d.tfds_dir)
     if d.name == "synthetic":
         for field in ("synthetic_size", "synthetic_image_size", "synthetic_channels"):
             _int(f"data.{field}", d[field], 1)
@@ -169,7 +142,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _real("dp.clip_norm", dp.clip_norm, 0, lo_open=True)
     _int("dp.batch_size", dp.batch_size, 1)
     _real("dp.epochs", dp.epochs, 0, lo_open=True)
-    _choice("dp.accountant", dp.accountant, ("rdp", "pld"))
+    _choice("dp.accountant", dp.accountant, ACCOUNTANTS)
     _real("dp.noise_multiplier (< 0: calibrate from epsilon)", dp.noise_multiplier)
     _bool("dp.allow_delta_above_1_over_n", dp.allow_delta_above_1_over_n)
     _bool("dp.enabled (False: the non-private baseline, NO PRIVACY)", dp.enabled)
@@ -201,6 +174,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _int("training.fid_num_samples", t.fid_num_samples, 2)
 
     ev = config.eval
+    _int("eval.num_samples", ev.num_samples, 2)
+    _int("eval.fid_batch_size", ev.fid_batch_size, 1)
+    _int("eval.fid_reference_images", ev.fid_reference_images, 0)
+    _int("eval.classifier_epochs", ev.classifier_epochs, 1)
+    if not isinstance(ev.classifiers, (tuple, list)):
+        raise TypeError(f"eval.classifiers must be a tuple of names from {CLASSIFIER_KINDS}, got {ev.classifiers!r}")
+    for i, kind in enumerate(ev.classifiers):
+        _choice(f"eval.classifiers[{i}]", kind, CLASSIFIER_KINDS)
+    _str("eval.inception_weights", ev.inception_weights)
+    _str("eval.fid_stats_dir", ev.fid_stats_dir)
     _bool("eval.kid", ev.kid)
     _int("eval.kid_reference_images", ev.kid_reference_images, 2)
     _int("eval.kid_num_subsets", ev.kid_num_subsets, 2)
@@ -218,14 +201,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _int("sampling.num_samples", s.num_samples, 1)
     _int("sampling.batch_size", s.batch_size, 1)
     _int("sampling.checkpoint_step", s.checkpoint_step, -1)
-    if s.labels not in ("balanced", "uniform"):
-        label = s.labels
-        if isinstance(label, str) and label.strip().isdigit():
-            label = int(label)
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0 or (
-                spec.num_classes is not None and label >= spec.num_classes):
-            raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index in "
-                             f"[0, {spec.num_classes}), got {s.labels!r}")
+    resolve_labels(s.labels, 1, spec.num_classes)  # the reading sample and eval use
+    name, options = sampler_options(config)
+    try:  # the sampler's own check (e.g. its time grid needs num_steps >= 2), before any training
+        get_sampler(name, **options)
+    except ValueError as e:
+        raise ValueError(f"sampling.{e}" if str(e).startswith("num_steps") else f"sampling: {e}") from None
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> tuple[str, dict]:
+    """The image sampler's name and keyword options (sampling.*), as diffusion.get_sampler takes them."""
+    s = config.sampling
+    options = {"num_steps": s.num_steps}
+    if s.sampler == "edm":
+        options.update(s_churn=s.s_churn, s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise)
+    return s.sampler, options
 
 
 def _validate_user_data(d: ml_collections.ConfigDict) -> None:

@@ -14,33 +14,11 @@ import json
 from dpdm_jax import checkpoint
 from dpdm_jax.checkpoint import ledger_from_metadata
 from dpdm_jax.data import from_model_range
-from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, sample_images
+from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, resolve_labels, sample_images  # noqa: F401
 from dpdm_jax.metrics import save_image_grid
 
 
-def resolve_labels(spec, num_samples: int, num_classes: int | None):
-    """'balanced' -> 0,1,..,C-1,0,1..; 'uniform'; an int class; None for unconditional models."""
-    if num_classes is None:
-        return None
-    if spec == "balanced":
-        return np.arange(num_samples, dtype=np.int32) % num_classes
-    if spec == "uniform":
-        return "uniform"
-    try:
-        label = int(spec)
-    except (TypeError, ValueError):
-        raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index, got {spec!r}") from None
-    if not 0 <= label < num_classes:
-        raise ValueError(f"sampling.labels={label} is not a class in [0, {num_classes})")
-    return label
-
-
-def sampler_options(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-    s = config.sampling
-    options = {"num_steps": s.num_steps}
-    if s.sampler == "edm":
-        options.update(s_churn=s.s_churn, s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise)
-    return s.sampler, options
+sampler_options = experiment.sampler_options
 
 
 def generate(config: ml_collections.ConfigDict, model, params, num_samples: int, key: jax.Array,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dpdm_jax.dp.accounting import PrivacyLedger, compute_epsilon
+from dpdm_jax.dp.accounting import ACCOUNTANTS, PrivacyLedger, compute_epsilon
 from dpdm_jax.dp.sampling import PoissonSampler
 from dpdm_jax.dp.step import DPSGDStep
+from dpdm_jax.validation import require_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DPPlan:
     private: bool = True
 
     def __post_init__(self):
+        require_choice("accountant", self.accountant, ACCOUNTANTS)
         if self.private and (self.clip_norm is None or not self.clip_norm > 0):
             raise ValueError(f"a private plan needs clip_norm > 0, got {self.clip_norm}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
