@@ -14,10 +14,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
+from dpdm_jax.data import (SPECS, Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
                            load_npz, npz_target, synthetic_dataset, to_model_range)
 from dpdm_jax.diffusion import (PARAMETERISATIONS, SAMPLERS, get_parameterisation, get_sampler, make_per_example_loss,
                                 resolve_labels)
+from dpdm_jax.dp.sampling import expected_batch_size
 from dpdm_jax.dp import ACCOUNTANTS, DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
 from dpdm_jax.evaluation.classifiers import KINDS as CLASSIFIER_KINDS
 from dpdm_jax.models import DDPMpp, init_variables  # noqa: F401  (init_variables: used by the modes)
@@ -28,15 +29,9 @@ from dpdm_jax.validation import require_int as _int
 from dpdm_jax.validation import require_real as _real
 from dpdm_jax.validation import require_str as _str
 
-# image size, channels, number of classes (None: the dataset has no labels we use).
-DATASET_INFO = {
-    "mnist": (28, 1, 10),
-    "fashion_mnist": (28, 1, 10),
-    "cifar10": (32, 3, 10),
-    "celeba32": (32, 3, None),
-    "celeba64": (64, 3, None),
-    "imagenet32": (32, 3, 1000),
-}
+# image size, channels, number of classes (None: the dataset has no labels we use), read from the
+# one dataset table (data.SPECS); synthetic, folder and npz take theirs from data.* and the files.
+DATASET_INFO = {name: (s.image_shape[0], s.image_shape[2], s.num_classes) for name, s in SPECS.items()}
 USER_DATASETS = ("folder", "npz")  # your own images: size, channels, classes from data.* and the files
 DATASET_NAMES = tuple(sorted(DATASET_INFO)) + ("synthetic",) + USER_DATASETS
 
@@ -54,15 +49,15 @@ class ImageSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PrivacySchedule:
-    """What the sampler runs and the accountant is told (one source for both)."""
+    """What the Poisson batch selection runs and the accountant is told (one source for both)."""
 
     dataset_size: int  # N
-    sampling_rate: float  # q = 1 / ceil(N / batch_size)
-    num_steps: int  # T = epochs * ceil(N / batch_size)
+    sampling_rate: float  # q = 1 / ceil(N / batch_size), the Poisson batch-selection rate
+    num_steps: int  # T = epochs * ceil(N / batch_size) DP steps (not the image sampler's steps)
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sampling_rate * self.dataset_size
+        return expected_batch_size(self.sampling_rate, self.dataset_size)
 
 
 def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:

@@ -198,7 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     dp_step = plan.step(experiment.per_example_loss(config, model), make_optimizer(config), mesh=mesh,
                         microbatch_size=config.training.microbatch_size or None,
                         ema_max_decay=config.optim.ema_max_decay)
-    sampler = plan.sampler(config.training.chunk_size, num_devices=mesh.size)
+    batch_selection = plan.sampler(config.training.chunk_size, num_devices=mesh.size)  # Poisson, rate q
 
     # 3. Resume from the latest good checkpoint, if any.
     state, start = resume(ckpt, dp_step.init(variables["params"]))
@@ -237,7 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     for step in range(start, last):
         chunks = (
             (experiment.host_examples(data, c.indices, spec.num_classes is not None), c.indices, c.mask)
-            for c in sampler.iter_chunks(seed, step)
+            for c in batch_selection.iter_chunks(seed, step)
         )
         tic = time.time()
         state, stats = dp_step(state, chunks, run_key, step)

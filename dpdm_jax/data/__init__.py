@@ -30,7 +30,7 @@ from dpdm_jax.data.readers import LOCAL_READERS, SPECS, load_tfds
 from dpdm_jax.data.user_data import (folder_class_names, inspect_npz, load_image_folder, load_npz,
                                      npz_target)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "default_data_dir", "folder_class_names",
+__all__ = ["DATASETS", "SPECS", "DataError", "Dataset", "default_data_dir", "folder_class_names",
            "from_model_range", "inspect_npz", "load_dataset", "load_image_folder", "load_npz",
            "npz_target", "synthetic_dataset", "to_model_range"]
 

@@ -15,7 +15,7 @@ import dataclasses
 import math
 
 from dpdm_jax.dp.accounting import ACCOUNTANTS, PrivacyLedger, compute_epsilon
-from dpdm_jax.dp.sampling import PoissonSampler
+from dpdm_jax.dp.sampling import PoissonSampler, expected_batch_size
 from dpdm_jax.dp.step import DPSGDStep
 from dpdm_jax.validation import require_choice
 
@@ -56,7 +56,7 @@ class DPPlan:
     @property
     def expected_batch_size(self) -> float:
         """q * N: the public normaliser of the noisy gradient sum (never the realised size)."""
-        return self.sampling_rate * self.dataset_size
+        return expected_batch_size(self.sampling_rate, self.dataset_size)
 
     @property
     def step_clip_norm(self) -> float:

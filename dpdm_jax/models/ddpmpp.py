@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpdm_jax.data.readers import SPECS  # the dataset table
 from dpdm_jax.models.layers import (
     AttnBlock,
     ResBlock,
@@ -114,14 +115,14 @@ class DDPMpp(nn.Module):
 
 
 # Per-dataset fields of the paper's five networks (everything else is the DDPMpp default).
+# Network presets per dataset; image size, channels and classes come from the dataset table (data.SPECS).
 _CONFIGS: dict[str, dict[str, Any]] = {
-    "mnist": dict(image_size=28, in_channels=1, num_classes=10, attn_resolutions=(7,)),
-    "fashion_mnist": dict(image_size=28, in_channels=1, num_classes=10, attn_resolutions=(7,)),
-    "cifar10": dict(image_size=32, in_channels=3, num_classes=10, attn_resolutions=(16,)),
-    "celeba32": dict(image_size=32, in_channels=3, num_classes=None, attn_resolutions=(8, 16)),
-    "celeba64": dict(image_size=64, in_channels=3, num_classes=None, ch_mult=(1, 1, 2, 2),
-                     attn_resolutions=(8, 16)),
-    "imagenet32": dict(image_size=32, in_channels=3, num_classes=1000, attn_resolutions=(8, 16)),
+    "mnist": dict(attn_resolutions=(7,)),
+    "fashion_mnist": dict(attn_resolutions=(7,)),
+    "cifar10": dict(attn_resolutions=(16,)),
+    "celeba32": dict(attn_resolutions=(8, 16)),
+    "celeba64": dict(ch_mult=(1, 1, 2, 2), attn_resolutions=(8, 16)),
+    "imagenet32": dict(attn_resolutions=(8, 16)),
 }
 
 
@@ -131,7 +132,9 @@ def ddpmpp_for(dataset: str, **overrides) -> DDPMpp:
     key = dataset.lower().replace("-", "_")
     if key not in _CONFIGS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(_CONFIGS)}")
-    fields = {**_CONFIGS[key], **overrides}
+    size, _, channels = SPECS[key].image_shape
+    fields = {"image_size": size, "in_channels": channels, "num_classes": SPECS[key].num_classes,
+              **_CONFIGS[key], **overrides}
     for name in ("ch_mult", "attn_resolutions"):  # hashable, so the module can be static
         if name in fields:
             fields[name] = tuple(fields[name])
