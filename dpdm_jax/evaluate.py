@@ -98,14 +98,15 @@ def compute_label_accuracy(config, images: np.ndarray, labels: np.ndarray, workd
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluate the checkpoint of `workdir`; writes WORKDIR/eval/report_step<step>.json."""
     experiment.validate_config(config)
-    model, ema_params, meta = sample.restore_ema_params(config, workdir, config.sampling.checkpoint_step)
+    exp = experiment.build(config, with_data=False)
+    model, ema_params, meta = sample.restore_ema_params(exp, workdir, config.sampling.checkpoint_step)
     step = int(meta["step"])
     ledger = ledger_from_metadata(meta)
-    spec = experiment.image_spec(config)
-    n = config.eval.num_samples
+    spec = exp.spec
+    n = exp.eval.num_samples
     tic = time.time()
     labels = resolve_labels("balanced", n, spec.num_classes)  # every class equally often
-    images, labels = sample.generate(config, model, ema_params, n, jax.random.key(max(config.seed, 0) + 1),
+    images, labels = sample.generate(exp.sampling, model, ema_params, n, jax.random.key(max(config.seed, 0) + 1),
                                      labels=labels)
     logging.info("Generated %d samples in %.0f s.", n, time.time() - tic)
 

@@ -1,6 +1,9 @@
-"""Turn a config into explicit objects: data, network, loss, privacy schedule, ledger.
+"""Turn a config into explicit objects, once: `build(config)` -> an `Experiment`.
 
-Configs are read here, at the edge; everything below receives plain arguments.
+    Experiment(data, spec, model, per_example_loss, optimizer, plan, sampling, eval)
+
+Configs are read here, at the edge; the modes (train, sample, evaluate) call `validate_config` and
+`build` once and hand the plain objects down; the libraries below never see a ConfigDict.
 """
 from __future__ import annotations
 
@@ -354,3 +357,82 @@ def host_examples(data: Dataset, indices: np.ndarray, conditional: bool) -> dict
     """Rows `indices` as model inputs: {'image': float32 [-1, 1] (B,H,W,C), 'label': int32 (B,)}."""
     labels = data.labels[indices] if conditional else np.zeros(len(indices), np.int32)
     return {"image": to_model_range(data.images[indices]), "label": np.asarray(labels, np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSampling:
+    """How images are drawn from a trained denoiser (sampling.*): the image sampler, not batch selection.
+
+    num_steps in `options` counts the sampler's denoising steps (not DP steps).
+    """
+
+    spec: ImageSpec
+    parameterisation: object  # a diffusion parameterisation (diffusion.get_parameterisation)
+    sampler: str  # one of diffusion.SAMPLERS
+    options: dict  # the sampler's keyword options (num_steps, EDM churn)
+    batch_size: int
+    guidance_weight: float  # 0 for unconditional models
+    labels: object  # sampling.labels: 'balanced', 'uniform' or a class index (diffusion.resolve_labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """eval.* as plain values."""
+
+    num_samples: int
+    fid_batch_size: int
+    fid_reference_images: int  # 0: the whole train split
+    classifier_epochs: int
+    classifiers: tuple
+    inception_weights: str | None
+    fid_stats_dir: str | None
+    kid: bool
+    kid_reference_images: int
+    kid_num_subsets: int
+    label_accuracy: bool
+    label_classifier_epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a mode needs, built from the config once (data and plan: only when asked for)."""
+
+    spec: ImageSpec
+    model: DDPMpp
+    per_example_loss: object  # (params, example, key) -> scalar, for dp.DPPlan.step
+    optimizer: optax.GradientTransformation
+    sampling: ImageSampling
+    eval: EvalSettings
+    data: Dataset | None = None  # the private training set (with_data=True)
+    plan: DPPlan | None = None  # the DP plan over that data (with_data=True)
+
+
+def image_sampling(config: ml_collections.ConfigDict) -> ImageSampling:
+    spec = image_spec(config)
+    name, options = sampler_options(config)
+    s = config.sampling
+    return ImageSampling(spec=spec, parameterisation=get_parameterisation(config.diffusion.parameterisation),
+                         sampler=name, options=options, batch_size=int(s.batch_size),
+                         guidance_weight=float(s.guidance_weight) if spec.num_classes is not None else 0.0,
+                         labels=s.labels)
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> EvalSettings:
+    e = config.eval
+    return EvalSettings(num_samples=e.num_samples, fid_batch_size=e.fid_batch_size,
+                        fid_reference_images=e.fid_reference_images, classifier_epochs=e.classifier_epochs,
+                        classifiers=tuple(e.classifiers), inception_weights=e.inception_weights or None,
+                        fid_stats_dir=e.fid_stats_dir or None, kid=e.kid, kid_reference_images=e.kid_reference_images,
+                        kid_num_subsets=e.kid_num_subsets, label_accuracy=e.label_accuracy,
+                        label_classifier_epochs=e.label_classifier_epochs)
+
+
+def build(config: ml_collections.ConfigDict, with_data: bool = True) -> Experiment:
+    """The config as explicit objects (call validate_config first). with_data: load the training set
+    and make the DP plan (train); sample and eval restore weights and need neither."""
+    data = load_training_data(config) if with_data else None
+    plan = make_plan(config, privacy_schedule(config, len(data.images))) if with_data else None
+    model = build_model(config)
+    return Experiment(spec=image_spec(config), model=model, per_example_loss=per_example_loss(config, model),
+                      optimizer=make_optimizer(config), sampling=image_sampling(config), eval=eval_settings(config),
+                      data=data, plan=plan)

@@ -168,14 +168,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (or resume) a DPDM model in `workdir`; returns the final state."""
     # 1. Everything that can be wrong with the config fails here, before any compute.
     experiment.validate_config(config)
-    data = experiment.load_training_data(config)
-    plan = experiment.make_plan(config, experiment.privacy_schedule(config, len(data.images)))
+    exp = experiment.build(config)  # data, spec, model, loss, optimiser, DP plan, image sampling: once
+    data, plan, spec = exp.data, exp.plan, exp.spec
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.keep_checkpoints)
     existing = check_resume_allowed(ckpt, config, plan.ledger(seed_secret=config.seed < 0))
     seed = run_seed(config.seed, None if existing is None else existing[0])
     check_hosts_agree(config, data, seed)
     ledger = plan.ledger(seed_secret=config.seed < 0 if existing is None else existing[1])
-    spec = experiment.image_spec(config)
     is_chief = jax.process_index() == 0
     if plan.private:
         logging.info("Privacy: target epsilon=%g, delta=%g, sigma=%.4f (%s, %s), q=%.5g (expected batch %.1f of "
@@ -190,12 +189,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                         config.diffusion.noise_multiplicity)
 
     # 2. Model, per-example loss and the DP-SGD step; the plan builds the sampler and the step.
-    model = experiment.build_model(config)
+    model = exp.model
     run_key, grid_key, init_key = run_keys(seed)  # independent PRF streams of the secret seed
     variables = experiment.init_variables(model, init_key)
     check_params_only(variables)
     mesh = data_mesh()
-    dp_step = plan.step(experiment.per_example_loss(config, model), make_optimizer(config), mesh=mesh,
+    dp_step = plan.step(exp.per_example_loss, exp.optimizer, mesh=mesh,
                         microbatch_size=config.training.microbatch_size or None,
                         ema_max_decay=config.optim.ema_max_decay)
     batch_selection = plan.sampler(config.training.chunk_size, num_devices=mesh.size)  # Poisson, rate q
@@ -217,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     def write_grid(step):
         key = jax.random.fold_in(grid_key, step)
-        images, _ = sample.generate(config, model, state.ema_params, t.num_grid_samples, key)
+        images, _ = sample.generate(exp.sampling, model, state.ema_params, t.num_grid_samples, key)
         if is_chief:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             path = os.path.join(workdir, "samples", f"grid_step{step}.png")
@@ -228,7 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         from dpdm_jax import evaluate  # loads the Inception network only when asked
 
         key = jax.random.fold_in(jax.random.fold_in(grid_key, step), 1)
-        images, _ = sample.generate(config, model, state.ema_params, t.fid_num_samples, key)
+        images, _ = sample.generate(exp.sampling, model, state.ema_params, t.fid_num_samples, key)
         fid = evaluate.compute_fid(config, images, workdir)
         writer.write(step, {"fid": fid, "fid_num_samples": t.fid_num_samples})
         logging.info("step %d  FID(%d samples vs train stats) %.2f", step, t.fid_num_samples, fid)
