@@ -37,15 +37,7 @@ def _isolated(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------- writers (oracles)
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    arr = np.asarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-
-
-def write_idx(path, arr, gz=False):
-    raw = idx_bytes(arr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(raw) if gz else raw)
+from helpers import idx_bytes, write_idx  # noqa: E402,F401  (the one IDX writer)
 
 
 def small_mnist(n, seed):

@@ -213,11 +213,7 @@ def test_every_shipped_config_passes_validation():
 
 # ------------------------------------------------------------------- data through a training run
 
-def write_idx(path, array):
-    array = np.asarray(array, np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+from helpers import write_idx  # noqa: E402  (the one IDX writer)
 
 
 def mnist_config(data_dir):
