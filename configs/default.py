@@ -12,6 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
     # mnist | fashion_mnist | cifar10 | celeba32 | celeba64 | imagenet32 | synthetic | folder | npz
     data.name = "mnist"
     data.data_dir = ""  # "" -> $DPDM_DATA_DIR or ~/.cache/dpdm_jax/data
+    data.fetch = True  # MNIST / Fashion-MNIST may be fetched when missing ($DPDM_DATA_NO_FETCH=1: False)
+    data.tfds_dir = ""  # a prepared tensorflow-datasets directory to search first ("" -> $TFDS_DATA_DIR)
     data.conditional = True  # class-conditional (label dropout for guidance)
     data.max_examples = 0  # > 0: use only the first examples (smoke tests); N is then that size
     # Only for your own images (docs/data.md): data.name == "folder" (one subfolder of PNG/JPEG/WebP
@@ -101,7 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
     ev.fid_reference_images = 0  # 0: the whole train split (the paper); > 0: its first N (CPU smoke runs)
     ev.classifier_epochs = 50
     ev.classifiers = ("logreg", "mlp", "cnn")
-    ev.inception_weights = ""  # "" -> ~/.cache/dpdm_jax/inception_fid.npz
+    ev.inception_weights = ""  # "" -> $DPDM_INCEPTION_NPZ or ~/.cache/dpdm_jax/inception_fid.npz
+    ev.fid_stats_dir = ""  # FID/KID reference cache of the public datasets; "" -> $DPDM_FID_STATS_DIR or ~/.cache/dpdm_jax/fid_stats
     ev.kid = True  # KID (unbiased MMD^2 of Inception features) next to FID
     ev.kid_reference_images = 2000  # raw features of the first N train images (cached), capped at N
     ev.kid_num_subsets = 100

@@ -42,6 +42,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint is corrupt, or no checkpoint in a directory could be restored."""
 
 
+def state_template(model, optimizer):
+    """An abstract TrainState (shapes, dtypes, one-device sharding) of the layout the trainer saves; no compute.
+
+    model: the network (`models.DDPMpp`); optimizer: the optax transformation the run trains with.
+    """
+    from dpdm_jax.dp import TrainState
+    from dpdm_jax.models import init_variables
+
+    def build():
+        params = init_variables(model, jax.random.key(0))["params"]
+        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                          opt_state=optimizer.init(params), ema_params=params)
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(build))
+
+
+def restore_ema_params(directory: str, template, step: int = -1):
+    """(EMA params, metadata) of checkpoint `step` in `directory` (step < 0: the latest good one).
+
+    template: `state_template(model, optimizer)`. Raises FileNotFoundError if there is no checkpoint.
+    """
+    ckpt = Checkpointer(directory)
+    try:
+        if step >= 0:
+            state, meta = ckpt.restore(step, template)
+        else:
+            restored = ckpt.restore_latest(template)
+            if restored is None:
+                raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
+            state, meta = restored
+    finally:
+        ckpt.close()
+    return state.ema_params, meta
+
+
 def _host_array(x) -> np.ndarray | None:
     """A leaf's full value on this host, or None if this host does not hold all of it."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

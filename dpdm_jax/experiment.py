@@ -1,40 +1,42 @@
-"""Turn a config into explicit objects: data, network, loss, privacy schedule, ledger.
+"""Turn a config into explicit objects, once: `build(config)` -> an `Experiment`.
 
-Configs are read here, at the edge; everything below receives plain arguments.
+    Experiment(data, spec, model, per_example_loss, optimizer, plan, sampling, eval)
+
+Configs are read here, at the edge; the modes (train, sample, evaluate) call `validate_config` and
+`build` once and hand the plain objects down; the libraries below never see a ConfigDict.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
-from dpdm_jax.data import (Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
+from dpdm_jax.data import (SPECS, Dataset, folder_class_names, inspect_npz, load_dataset, load_image_folder,
                            load_npz, npz_target, synthetic_dataset, to_model_range)
-from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
-from dpdm_jax.dp import DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
-from dpdm_jax.models import DDPMpp
+from dpdm_jax.diffusion import (PARAMETERISATIONS, SAMPLERS, get_parameterisation, get_sampler, make_per_example_loss,
+                                resolve_labels)
+from dpdm_jax.dp.sampling import expected_batch_size
+from dpdm_jax.dp import ACCOUNTANTS, DPPlan, PrivacyLedger, calibrate_noise_multiplier, validate_dp_params
+from dpdm_jax.evaluation.classifiers import KINDS as CLASSIFIER_KINDS
+from dpdm_jax.models import DDPMpp, init_variables  # noqa: F401  (init_variables: used by the modes)
 from dpdm_jax.models.layers import CONV_IMPLS
+from dpdm_jax.validation import require_bool as _bool
+from dpdm_jax.validation import require_choice as _choice
+from dpdm_jax.validation import require_int as _int
+from dpdm_jax.validation import require_real as _real
+from dpdm_jax.validation import require_str as _str
 
-# image size, channels, number of classes (None: the dataset has no labels we use).
-DATASET_INFO = {
-    "mnist": (28, 1, 10),
-    "fashion_mnist": (28, 1, 10),
-    "cifar10": (32, 3, 10),
-    "celeba32": (32, 3, None),
-    "celeba64": (64, 3, None),
-    "imagenet32": (32, 3, 1000),
-}
+# image size, channels, number of classes (None: the dataset has no labels we use), read from the
+# one dataset table (data.SPECS); synthetic, folder and npz take theirs from data.* and the files.
+DATASET_INFO = {name: (s.image_shape[0], s.image_shape[2], s.num_classes) for name, s in SPECS.items()}
 USER_DATASETS = ("folder", "npz")  # your own images: size, channels, classes from data.* and the files
 DATASET_NAMES = tuple(sorted(DATASET_INFO)) + ("synthetic",) + USER_DATASETS
-PARAMETERISATIONS = ("vp", "ve", "v", "edm")
-SAMPLERS = ("ddim", "ddim_stochastic", "edm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +52,15 @@ class ImageSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PrivacySchedule:
-    """What the sampler runs and the accountant is told (one source for both)."""
+    """What the Poisson batch selection runs and the accountant is told (one source for both)."""
 
     dataset_size: int  # N
-    sampling_rate: float  # q = 1 / ceil(N / batch_size)
-    num_steps: int  # T = epochs * ceil(N / batch_size)
+    sampling_rate: float  # q = 1 / ceil(N / batch_size), the Poisson batch-selection rate
+    num_steps: int  # T = epochs * ceil(N / batch_size) DP steps (not the image sampler's steps)
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sampling_rate * self.dataset_size
+        return expected_batch_size(self.sampling_rate, self.dataset_size)
 
 
 def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
@@ -83,38 +85,6 @@ def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
     return ImageSpec(size, channels, classes if config.data.conditional else None)
 
 
-def _int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
-
-def _real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
-          hi_open: bool = False) -> float:
-    """A finite real number in the interval [lo, hi] (an end is excluded if *_open)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
-        interval = f"{'(' if lo_open or lo == -math.inf else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
-    return v
-
-
-def _choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks that need no data and no compute: fail before anything expensive starts.
 
@@ -129,8 +99,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"Unknown dataset {d.name!r} (data.name); choose one of {list(DATASET_NAMES)}")
     _bool("data.conditional", d.conditional)
     _int("data.max_examples", d.max_examples, 0)
-    if not isinstance(d.data_dir, str):
-        raise TypeError(f"data.data_dir must be a string, got {type(d.data_dir).__name__} {d.data_dir!r}")
+    _str("data.data_dir", d.data_dir)
+    _bool("data.fetch", d.fetch)
+    _str("data.tfds_dir", d.tfds_dir)
     if d.name == "synthetic":
         for field in ("synthetic_size", "synthetic_image_size", "synthetic_channels"):
             _int(f"data.{field}", d[field], 1)
@@ -169,7 +140,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _real("dp.clip_norm", dp.clip_norm, 0, lo_open=True)
     _int("dp.batch_size", dp.batch_size, 1)
     _real("dp.epochs", dp.epochs, 0, lo_open=True)
-    _choice("dp.accountant", dp.accountant, ("rdp", "pld"))
+    _choice("dp.accountant", dp.accountant, ACCOUNTANTS)
     _real("dp.noise_multiplier (< 0: calibrate from epsilon)", dp.noise_multiplier)
     _bool("dp.allow_delta_above_1_over_n", dp.allow_delta_above_1_over_n)
     _bool("dp.enabled (False: the non-private baseline, NO PRIVACY)", dp.enabled)
@@ -201,6 +172,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _int("training.fid_num_samples", t.fid_num_samples, 2)
 
     ev = config.eval
+    _int("eval.num_samples", ev.num_samples, 2)
+    _int("eval.fid_batch_size", ev.fid_batch_size, 1)
+    _int("eval.fid_reference_images", ev.fid_reference_images, 0)
+    _int("eval.classifier_epochs", ev.classifier_epochs, 1)
+    if not isinstance(ev.classifiers, (tuple, list)):
+        raise TypeError(f"eval.classifiers must be a tuple of names from {CLASSIFIER_KINDS}, got {ev.classifiers!r}")
+    for i, kind in enumerate(ev.classifiers):
+        _choice(f"eval.classifiers[{i}]", kind, CLASSIFIER_KINDS)
+    _str("eval.inception_weights", ev.inception_weights)
+    _str("eval.fid_stats_dir", ev.fid_stats_dir)
     _bool("eval.kid", ev.kid)
     _int("eval.kid_reference_images", ev.kid_reference_images, 2)
     _int("eval.kid_num_subsets", ev.kid_num_subsets, 2)
@@ -234,14 +215,21 @@ def validate_sampling(s: ml_collections.ConfigDict, num_classes: int | None) -> 
         raise TypeError(f"sampling.release must be a release directory or '', got {s.release!r}")
     if _int("sampling.seed", s.seed, -1) >= 2**62:
         raise ValueError(f"sampling.seed must be -1 (fresh) or in [0, 2**62), got {s.seed}")
-    if s.labels not in ("balanced", "uniform"):
-        label = s.labels
-        if isinstance(label, str) and label.strip().isdigit():
-            label = int(label)
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0 or (
-                num_classes is not None and label >= num_classes):
-            raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index in "
-                             f"[0, {num_classes}), got {s.labels!r}")
+    resolve_labels(s.labels, 1, num_classes)  # the reading sample and eval use
+    name, options = sampler_options(s)
+    try:  # the sampler's own check (e.g. its time grid needs num_steps >= 2), before any training
+        get_sampler(name, **options)
+    except ValueError as e:
+        raise ValueError(f"sampling.{e}" if str(e).startswith("num_steps") else f"sampling: {e}") from None
+
+
+def sampler_options(s: ml_collections.ConfigDict) -> tuple[str, dict]:
+    """The image sampler's name and keyword options from the sampling.* section, as
+    diffusion.get_sampler takes them."""
+    options = {"num_steps": s.num_steps}
+    if s.sampler == "edm":
+        options.update(s_churn=s.s_churn, s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise)
+    return s.sampler, options
 
 
 def _validate_user_data(d: ml_collections.ConfigDict) -> None:
@@ -262,6 +250,12 @@ def _validate_user_data(d: ml_collections.ConfigDict) -> None:
                          f"(1: grayscale, 3: RGB, 0: as stored), got {d.channels}")
 
 
+def load_public_split(config: ml_collections.ConfigDict, split: str) -> Dataset:
+    """A whole split of a public dataset (data.name), from data.data_dir / data.tfds_dir, fetched if data.fetch."""
+    d = config.data
+    return load_dataset(d.name, split, d.data_dir or None, fetch=d.fetch, tfds_dir=d.tfds_dir or None)
+
+
 def load_training_data(config: ml_collections.ConfigDict) -> Dataset:
     """The private training set, as uint8 in memory."""
     d = config.data
@@ -273,7 +267,7 @@ def load_training_data(config: ml_collections.ConfigDict) -> Dataset:
     elif d.name == "npz":
         data = load_npz(d.path, d.image_size, d.channels)
     else:
-        data = load_dataset(d.name, "train", d.data_dir or None)
+        data = load_public_split(config, "train")
     if data.class_names is not None:
         logging.info("%s: %d images; label i is class %s", data.name, len(data),
                      dict(enumerate(data.class_names)))
@@ -335,6 +329,11 @@ def make_ledger(config: ml_collections.ConfigDict, schedule: PrivacySchedule,
     return make_plan(config, schedule).ledger(config.seed < 0 if seed_secret is None else seed_secret)
 
 
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
 def build_model(config: ml_collections.ConfigDict) -> DDPMpp:
     spec = image_spec(config)
     m = config.model
@@ -360,25 +359,6 @@ def model_apply_fn(model: DDPMpp) -> _ModelApply:
     return _ModelApply(model)
 
 
-def init_variables(model: DDPMpp, key: jax.Array) -> dict:
-    """Initial variables from a PRNG key (derive it from the run key: `dp.init_key`).
-
-    Not from an integer seed: jax.random.key(seed) keeps only its low 32 bits, so the initial
-    parameters (public in the usual threat model) would reveal them. The key is turned into an
-    'rbg' key by the PRF (XLA:CPU compiles 'rbg' initialisers ~4x faster).
-    """
-    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        raise TypeError(f"init_variables needs a typed PRNG key (e.g. dp.init_key(run key)), got {type(key).__name__}")
-    spec_shape = (1, model.image_size, model.image_size, model.in_channels)
-    labels = None if model.num_classes is None else jnp.zeros((1,), jnp.int32)
-
-    def init(k):
-        rbg = jax.random.wrap_key_data(jax.random.bits(k, (4,), jnp.uint32), impl="rbg")
-        return model.init(rbg, jnp.zeros(spec_shape), jnp.zeros((1,)), labels)
-
-    return jax.jit(init)(key)
-
-
 def per_example_loss(config: ml_collections.ConfigDict, model: DDPMpp):
     return make_per_example_loss(
         model_apply_fn(model),
@@ -394,3 +374,81 @@ def host_examples(data: Dataset, indices: np.ndarray, conditional: bool) -> dict
     labels = data.labels[indices] if conditional else np.zeros(len(indices), np.int32)
     return {"image": to_model_range(data.images[indices]), "label": np.asarray(labels, np.int32)}
 
+
+@dataclasses.dataclass(frozen=True)
+class ImageSampling:
+    """How images are drawn from a trained denoiser (sampling.*): the image sampler, not batch selection.
+
+    num_steps in `options` counts the sampler's denoising steps (not DP steps).
+    """
+
+    spec: ImageSpec
+    parameterisation: object  # a diffusion parameterisation (diffusion.get_parameterisation)
+    sampler: str  # one of diffusion.SAMPLERS
+    options: dict  # the sampler's keyword options (num_steps, EDM churn)
+    batch_size: int
+    guidance_weight: float  # 0 for unconditional models
+    labels: object  # sampling.labels: 'balanced', 'uniform' or a class index (diffusion.resolve_labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """eval.* as plain values."""
+
+    num_samples: int
+    fid_batch_size: int
+    fid_reference_images: int  # 0: the whole train split
+    classifier_epochs: int
+    classifiers: tuple
+    inception_weights: str | None
+    fid_stats_dir: str | None
+    kid: bool
+    kid_reference_images: int
+    kid_num_subsets: int
+    label_accuracy: bool
+    label_classifier_epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a mode needs, built from the config once (data and plan: only when asked for)."""
+
+    spec: ImageSpec
+    model: DDPMpp
+    per_example_loss: object  # (params, example, key) -> scalar, for dp.DPPlan.step
+    optimizer: optax.GradientTransformation
+    sampling: ImageSampling
+    eval: EvalSettings
+    data: Dataset | None = None  # the private training set (with_data=True)
+    plan: DPPlan | None = None  # the DP plan over that data (with_data=True)
+
+
+def image_sampling(config: ml_collections.ConfigDict) -> ImageSampling:
+    spec = image_spec(config)
+    name, options = sampler_options(config.sampling)
+    s = config.sampling
+    return ImageSampling(spec=spec, parameterisation=get_parameterisation(config.diffusion.parameterisation),
+                         sampler=name, options=options, batch_size=int(s.batch_size),
+                         guidance_weight=float(s.guidance_weight) if spec.num_classes is not None else 0.0,
+                         labels=s.labels)
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> EvalSettings:
+    e = config.eval
+    return EvalSettings(num_samples=e.num_samples, fid_batch_size=e.fid_batch_size,
+                        fid_reference_images=e.fid_reference_images, classifier_epochs=e.classifier_epochs,
+                        classifiers=tuple(e.classifiers), inception_weights=e.inception_weights or None,
+                        fid_stats_dir=e.fid_stats_dir or None, kid=e.kid, kid_reference_images=e.kid_reference_images,
+                        kid_num_subsets=e.kid_num_subsets, label_accuracy=e.label_accuracy,
+                        label_classifier_epochs=e.label_classifier_epochs)
+
+
+def build(config: ml_collections.ConfigDict, with_data: bool = True) -> Experiment:
+    """The config as explicit objects (call validate_config first). with_data: load the training set
+    and make the DP plan (train); sample and eval restore weights and need neither."""
+    data = load_training_data(config) if with_data else None
+    plan = make_plan(config, privacy_schedule(config, len(data.images))) if with_data else None
+    model = build_model(config)
+    return Experiment(spec=image_spec(config), model=model, per_example_loss=per_example_loss(config, model),
+                      optimizer=make_optimizer(config), sampling=image_sampling(config), eval=eval_settings(config),
+                      data=data, plan=plan)

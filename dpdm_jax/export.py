@@ -77,7 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
         raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (--mode=train).")
     if config.export.step >= 0 and config.export.step not in steps:
         raise ValueError(f"export.step={config.export.step}: no checkpoint of that step in {workdir}; it has steps {steps}")
-    model, ema_params, meta = sample.restore_ema_params(config, workdir, config.export.step)
+    model, ema_params, meta = sample.restore_ema_params(experiment.build(config, with_data=False), workdir,
+                                                        config.export.step)
     step = int(meta["step"])
     if not isinstance(meta.get("ledger"), dict):
         raise release.ReleaseError(f"checkpoint {step} in {workdir} has no privacy ledger: refusing to export "

@@ -24,6 +24,28 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# Environment variables of the whole program, read here and nowhere else: each fills a config field
+# that the config leaves empty (a value given in the config or on the command line wins).
+ENVIRONMENT = {
+    "DPDM_DATA_DIR": "data.data_dir",  # where the datasets live (default ~/.cache/dpdm_jax/data)
+    "TFDS_DATA_DIR": "data.tfds_dir",  # a prepared tensorflow-datasets directory
+    "DPDM_INCEPTION_NPZ": "eval.inception_weights",  # the converted FID Inception weights
+    "DPDM_FID_STATS_DIR": "eval.fid_stats_dir",  # FID reference statistics of the public datasets
+}
+NO_FETCH = "DPDM_DATA_NO_FETCH"  # 1 / true / yes: data.fetch = False (no automatic MNIST download)
+
+
+def apply_environment(config, environ=None) -> None:
+    """Map the environment variables above onto `config` (in place); the libraries read none."""
+    environ = os.environ if environ is None else environ
+    for var, field in ENVIRONMENT.items():
+        section, name = field.split(".")
+        if environ.get(var) and not config[section][name]:
+            config[section][name] = environ[var]
+    if environ.get(NO_FETCH, "").strip().lower() not in ("", "0", "false", "no"):
+        config.data.fetch = False
+
+
 def _user_error(e: BaseException, message: str | None = None) -> None:
     logging.vlog(1, "".join(traceback.format_exception(e)))
     print(f"error: {message or e}", file=sys.stderr, flush=True)
@@ -61,6 +83,7 @@ def main(argv):
     from dpdm_jax.checkpoint import CheckpointError
 
     try:  # DataError is a ValueError
+        apply_environment(FLAGS.config)
         _run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
         _user_error(e)
@@ -80,9 +103,9 @@ def _run(mode, config, workdir):
 
         export.run(config, workdir)
     else:
-        from dpdm_jax.evaluation import report
+        from dpdm_jax import evaluate
 
-        report.run(config, workdir)
+        evaluate.run(config, workdir)
 
 
 if __name__ == "__main__":

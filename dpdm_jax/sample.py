@@ -21,67 +21,37 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from dpdm_jax import experiment, release
-from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
+from dpdm_jax import checkpoint, experiment, release
+from dpdm_jax.checkpoint import ledger_from_metadata
 from dpdm_jax.data import folder_class_names, from_model_range, inspect_npz
-from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, sample_images
+from dpdm_jax.diffusion import get_parameterisation, make_denoise_fn, resolve_labels, sample_images
 from dpdm_jax.dp import run_key_from_seed
 from dpdm_jax.metrics import format_eta, save_image_grid
 
 
-def resolve_labels(spec, num_samples: int, num_classes: int | None):
-    """'balanced' -> 0,1,..,C-1,0,1..; 'uniform'; an int class; None for unconditional models."""
-    if num_classes is None:
-        return None
-    if spec == "balanced":
-        return np.arange(num_samples, dtype=np.int32) % num_classes
-    if spec == "uniform":
-        return "uniform"
-    try:
-        label = int(spec)
-    except (TypeError, ValueError):
-        raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index, got {spec!r}") from None
-    if not 0 <= label < num_classes:
-        raise ValueError(f"sampling.labels={label} is not a class in [0, {num_classes})")
-    return label
+sampler_options = experiment.sampler_options
 
 
-def sampler_options(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-    return sampler_options_of(config.sampling)
-
-
-def generate(config: ml_collections.ConfigDict, model, params, num_samples: int, key: jax.Array,
+def generate(sampling: experiment.ImageSampling, model, params, num_samples: int, key: jax.Array,
              labels=None) -> tuple[np.ndarray, np.ndarray | None]:
     """`num_samples` uint8 images (N,H,W,C) and their labels from `params` (use the EMA weights)."""
-    spec = experiment.image_spec(config)
-    denoise_fn = make_denoise_fn(experiment.model_apply_fn(model), params,
-                                 get_parameterisation(config.diffusion.parameterisation))
-    name, options = sampler_options(config)
+    spec = sampling.spec
+    denoise_fn = make_denoise_fn(experiment.model_apply_fn(model), params, sampling.parameterisation)
     if labels is None:
-        labels = resolve_labels(config.sampling.labels, num_samples, spec.num_classes)
+        labels = resolve_labels(sampling.labels, num_samples, spec.num_classes)
     images, labels = sample_images(
-        denoise_fn, key, num_samples, min(config.sampling.batch_size, num_samples), spec.shape,
-        sampler=name, sampler_kwargs=options, labels=labels, num_classes=spec.num_classes,
-        guidance_weight=config.sampling.guidance_weight if spec.num_classes is not None else 0.0,
+        denoise_fn, key, num_samples, min(sampling.batch_size, num_samples), spec.shape,
+        sampler=sampling.sampler, sampler_kwargs=sampling.options, labels=labels, num_classes=spec.num_classes,
+        guidance_weight=sampling.guidance_weight,
     )
     return from_model_range(images), labels
 
 
-def restore_ema_params(config: ml_collections.ConfigDict, workdir: str, step: int = -1):
-    """(model, EMA params, checkpoint metadata) from `workdir/checkpoints`."""
-    from dpdm_jax.train import state_template  # the state layout the trainer saves
-
-    model = experiment.build_model(config)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    template = state_template(config, model)
-    if step >= 0:
-        state, meta = ckpt.restore(step, template)
-    else:
-        restored = ckpt.restore_latest(template)
-        if restored is None:
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
-        state, meta = restored
-    return model, state.ema_params, meta
+def restore_ema_params(exp: experiment.Experiment, workdir: str, step: int = -1):
+    """(model, EMA params, checkpoint metadata) from `workdir/checkpoints` (step < 0: the latest)."""
+    template = checkpoint.state_template(exp.model, exp.optimizer)
+    ema_params, meta = checkpoint.restore_ema_params(os.path.join(workdir, "checkpoints"), template, step)
+    return exp.model, ema_params, meta
 
 
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
@@ -119,7 +89,8 @@ class Source:
 
 
 def checkpoint_source(config: ml_collections.ConfigDict, workdir: str) -> Source:
-    model, ema_params, meta = restore_ema_params(config, workdir, config.sampling.checkpoint_step)
+    exp = experiment.build(config, with_data=False)
+    model, ema_params, meta = restore_ema_params(exp, workdir, config.sampling.checkpoint_step)
     ledger = ledger_from_metadata(meta)
     return Source(model, ema_params, config.diffusion.parameterisation, int(meta["step"]), class_names(config),
                   release.privacy_manifest(ledger),
@@ -159,7 +130,7 @@ def draw_batches(source: Source, s: ml_collections.ConfigDict, key: jax.Array):
         labels = np.full(n, int(labels), np.int32)
     denoise_fn = make_denoise_fn(experiment.model_apply_fn(source.model), source.params,
                                  get_parameterisation(source.parameterisation))
-    name, options = sampler_options_of(s)
+    name, options = sampler_options(s)
     guidance = s.guidance_weight if source.num_classes is not None else 0.0
     padded = None if labels is None else np.resize(labels, -(-n // bs) * bs)
     for b, start in enumerate(range(0, n, bs)):
@@ -169,13 +140,6 @@ def draw_batches(source: Source, s: ml_collections.ConfigDict, key: jax.Array):
                                   sampler_kwargs=options, labels=batch_labels, num_classes=source.num_classes,
                                   guidance_weight=guidance)
         yield from_model_range(images[:count]), None if labels is None else labels[start:start + count]
-
-
-def sampler_options_of(s: ml_collections.ConfigDict) -> tuple[str, dict]:
-    options = {"num_steps": s.num_steps}
-    if s.sampler == "edm":
-        options.update(s_churn=s.s_churn, s_min=s.s_min, s_max=s.s_max, s_noise=s.s_noise)
-    return s.sampler, options
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -213,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     np.savez_compressed(path, images=images, labels=np.zeros(0, np.int32) if labels is None else labels)
     save_image_grid(images[: min(n, 100)], os.path.join(out_dir, f"samples_step{step}.png"))
     manifest = {"samples": os.path.basename(path), "step": step, "num_samples": n, "sampler": s.sampler,
-                "sampler_options": sampler_options_of(s)[1], "guidance_weight": s.guidance_weight,
+                "sampler_options": sampler_options(s)[1], "guidance_weight": s.guidance_weight,
                 "sampling_seed": seed, "image_shape": list(source.image_shape),
                 "class_names": None if source.class_names is None else list(source.class_names),
                 "privacy": source.privacy["guarantee"], "has_guarantee": source.privacy["has_guarantee"],

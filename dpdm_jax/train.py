@@ -19,31 +19,22 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from dpdm_jax import experiment, sample
 from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
+from dpdm_jax.checkpoint import state_template as checkpoint_state_template
 from dpdm_jax.dp import (NO_GUARANTEE_PUBLIC_SEED, NO_PRIVACY, PrivacyLedger, TrainState, check_params_only,
                          data_mesh, run_keys)
 from dpdm_jax.metrics import MetricsWriter, Progress, format_eta, save_image_grid
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    o = config.optim
-    return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
+make_optimizer = experiment.make_optimizer  # the optimiser is built from the config, in the builders
 
 
 def state_template(config: ml_collections.ConfigDict, model) -> TrainState:
-    """An abstract TrainState (shapes, dtypes, one-device sharding) of the saved layout; no compute."""
-
-    def build():
-        params = experiment.init_variables(model, jax.random.key(0))["params"]
-        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                          opt_state=make_optimizer(config).init(params), ema_params=params)
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(build))
+    """An abstract TrainState of the saved layout (checkpoint.state_template with the config's optimiser)."""
+    return checkpoint_state_template(model, experiment.make_optimizer(config))
 
 
 def privacy_summary(ledger: PrivacyLedger) -> str:
@@ -177,14 +168,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (or resume) a DPDM model in `workdir`; returns the final state."""
     # 1. Everything that can be wrong with the config fails here, before any compute.
     experiment.validate_config(config)
-    data = experiment.load_training_data(config)
-    plan = experiment.make_plan(config, experiment.privacy_schedule(config, len(data.images)))
+    exp = experiment.build(config)  # data, spec, model, loss, optimiser, DP plan, image sampling: once
+    data, plan, spec = exp.data, exp.plan, exp.spec
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.keep_checkpoints)
     existing = check_resume_allowed(ckpt, config, plan.ledger(seed_secret=config.seed < 0))
     seed = run_seed(config.seed, None if existing is None else existing[0])
     check_hosts_agree(config, data, seed)
     ledger = plan.ledger(seed_secret=config.seed < 0 if existing is None else existing[1])
-    spec = experiment.image_spec(config)
     is_chief = jax.process_index() == 0
     if plan.private:
         logging.info("Privacy: target epsilon=%g, delta=%g, sigma=%.4f (%s, %s), q=%.5g (expected batch %.1f of "
@@ -199,15 +189,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                         config.diffusion.noise_multiplicity)
 
     # 2. Model, per-example loss and the DP-SGD step; the plan builds the sampler and the step.
-    model = experiment.build_model(config)
+    model = exp.model
     run_key, grid_key, init_key = run_keys(seed)  # independent PRF streams of the secret seed
     variables = experiment.init_variables(model, init_key)
     check_params_only(variables)
     mesh = data_mesh()
-    dp_step = plan.step(experiment.per_example_loss(config, model), make_optimizer(config), mesh=mesh,
+    dp_step = plan.step(exp.per_example_loss, exp.optimizer, mesh=mesh,
                         microbatch_size=config.training.microbatch_size or None,
                         ema_max_decay=config.optim.ema_max_decay)
-    sampler = plan.sampler(config.training.chunk_size, num_devices=mesh.size)
+    batch_selection = plan.sampler(config.training.chunk_size, num_devices=mesh.size)  # Poisson, rate q
 
     # 3. Resume from the latest good checkpoint, if any.
     state, start = resume(ckpt, dp_step.init(variables["params"]))
@@ -226,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     def write_grid(step):
         key = jax.random.fold_in(grid_key, step)
-        images, _ = sample.generate(config, model, state.ema_params, t.num_grid_samples, key)
+        images, _ = sample.generate(exp.sampling, model, state.ema_params, t.num_grid_samples, key)
         if is_chief:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             path = os.path.join(workdir, "samples", f"grid_step{step}.png")
@@ -234,11 +224,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             logging.info("Wrote %s", path)
 
     def write_fid(step):
-        from dpdm_jax.evaluation import report  # loads the Inception network only when asked
+        from dpdm_jax import evaluate  # loads the Inception network only when asked
 
         key = jax.random.fold_in(jax.random.fold_in(grid_key, step), 1)
-        images, _ = sample.generate(config, model, state.ema_params, t.fid_num_samples, key)
-        fid = report.compute_fid(config, images, workdir)
+        images, _ = sample.generate(exp.sampling, model, state.ema_params, t.fid_num_samples, key)
+        fid = evaluate.compute_fid(config, images, workdir)
         writer.write(step, {"fid": fid, "fid_num_samples": t.fid_num_samples})
         logging.info("step %d  FID(%d samples vs train stats) %.2f", step, t.fid_num_samples, fid)
 
@@ -246,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     for step in range(start, last):
         chunks = (
             (experiment.host_examples(data, c.indices, spec.num_classes is not None), c.indices, c.mask)
-            for c in sampler.iter_chunks(seed, step)
+            for c in batch_selection.iter_chunks(seed, step)
         )
         tic = time.time()
         state, stats = dp_step(state, chunks, run_key, step)

@@ -37,15 +37,7 @@ def _isolated(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------- writers (oracles)
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    arr = np.asarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-
-
-def write_idx(path, arr, gz=False):
-    raw = idx_bytes(arr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(raw) if gz else raw)
+from helpers import idx_bytes, write_idx  # noqa: E402,F401  (the one IDX writer)
 
 
 def small_mnist(n, seed):
@@ -94,9 +86,8 @@ def test_idx_local(tmp_path, gz, name, sub):
 
 def test_idx_does_not_confuse_mnist_and_fashion(tmp_path, monkeypatch):
     write_mnist_dir(tmp_path / "mnist")
-    monkeypatch.setenv("DPDM_DATA_NO_FETCH", "1")
     with pytest.raises(DataError, match="fashion_mnist"):
-        load_dataset("fashion_mnist", "train", str(tmp_path))
+        load_dataset("fashion_mnist", "train", str(tmp_path), fetch=False)
 
 
 @settings(max_examples=20, deadline=None)
@@ -405,14 +396,12 @@ def _encode(a, fmt):
 def test_tfds_prepared_mnist(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     x, y = small_mnist(6, 4)
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     ex = [{"image": _encode(x[i], "PNG"), "label": int(y[i])} for i in range(6)]
     _prepare_tfds(tfds, "Mnist", tmp_path / "tfds", "3.0.1",  # the real dataset's name and layout
                   {"image": tfds.features.Image(shape=(28, 28, 1)),
                    "label": tfds.features.ClassLabel(num_classes=10)},
                   {"train": ex[:4], "test": ex[4:]})
-    monkeypatch.setenv("DPDM_DATA_NO_FETCH", "1")
-    ds = load_dataset("mnist", "train", str(tmp_path / "empty"))
+    ds = load_dataset("mnist", "train", str(tmp_path / "empty"), fetch=False, tfds_dir=str(tmp_path / "tfds"))
     assert ds.images.shape == (4, 28, 28, 1) and ds.labels.dtype == np.int32
     # tfds stores examples in its own shuffled order: compare as sets of (image, label).
     got = sorted((im.tobytes(), int(lab)) for im, lab in zip(ds.images, ds.labels))
@@ -422,14 +411,13 @@ def test_tfds_prepared_mnist(tmp_path, monkeypatch):
 
 def test_tfds_prepared_celeba(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     jpegs = [_encode(rand_images(1, 218, i)[0, :, :178], "JPEG") for i in range(5)]
     _prepare_tfds(tfds, "CelebA", tmp_path / "tfds", "2.1.0",  # directory celeb_a/2.1.0
                   {"image": tfds.features.Image(shape=(218, 178, 3), encoding_format="jpeg")},
                   {"train": [{"image": j} for j in jpegs[:2]],
                    "validation": [{"image": j} for j in jpegs[2:]]})
     assert (tmp_path / "tfds" / "celeb_a" / "2.1.0" / "dataset_info.json").is_file()
-    ds = load_dataset("celeba32", "valid", str(tmp_path / "empty"))
+    ds = load_dataset("celeba32", "valid", str(tmp_path / "empty"), tfds_dir=str(tmp_path / "tfds"))
     assert ds.images.shape == (3, 32, 32, 3) and ds.labels is None
     want = sorted(formats.celeba_preprocess(Image.open(io.BytesIO(j)), 32).tobytes()
                   for j in jpegs[2:])
@@ -495,19 +483,26 @@ def test_nothing_available_fails_fast_with_instructions(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=hint):
             load_dataset(name, "train", str(tmp_path))
     assert time.time() - t0 < 10
-    monkeypatch.setenv("DPDM_DATA_NO_FETCH", "1")
     monkeypatch.setattr(sources, "fetch", lambda *a, **k: pytest.fail("fetch despite opt-out"))
     with pytest.raises(DataError, match="DPDM_DATA_NO_FETCH"):
-        load_dataset("mnist", "train", str(tmp_path))
+        load_dataset("mnist", "train", str(tmp_path), fetch=False)
 
 
 def test_default_data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPDM_DATA_DIR", str(tmp_path))
-    assert data.default_data_dir() == str(tmp_path)
+    """$DPDM_DATA_DIR reaches the loader through main.py's mapping onto data.data_dir (and only there)."""
+    from configs import test_tiny
+    from dpdm_jax import main
+
+    config = test_tiny.get_config()
+    config.data.data_dir = ""
+    main.apply_environment(config, {"DPDM_DATA_DIR": str(tmp_path), "DPDM_DATA_NO_FETCH": "1"})
+    assert config.data.data_dir == str(tmp_path) and config.data.fetch is False
     write_mnist_dir(tmp_path / "mnist")
-    assert len(load_dataset("mnist", "test")) == 3
+    assert len(load_dataset("mnist", "test", config.data.data_dir)) == 3
     monkeypatch.delenv("DPDM_DATA_DIR")
     assert data.default_data_dir().endswith(os.path.join(".cache", "dpdm_jax", "data"))
+    main.apply_environment(config, {"DPDM_DATA_DIR": "/elsewhere"})  # a value in the config wins
+    assert config.data.data_dir == str(tmp_path)
 
 
 def test_unknown_name_and_split():

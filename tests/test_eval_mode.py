@@ -7,7 +7,8 @@ import pytest
 
 from configs import test_tiny
 from dpdm_jax import train
-from dpdm_jax.evaluation import inception, report
+from dpdm_jax import evaluate as report
+from dpdm_jax.evaluation import inception
 
 WEIGHTS = os.environ.get("DPDM_INCEPTION_NPZ", inception.default_npz_path())
 
@@ -22,6 +23,7 @@ def test_eval_report(tmp_path):
     config.eval.num_samples = 30
     config.eval.classifier_epochs = 2
     config.eval.classifiers = ("logreg", "mlp")
+    config.eval.inception_weights = WEIGHTS  # the environment reaches the app only through main.py
     train.train(config, str(tmp_path))
     result = report.run(config, str(tmp_path))
     saved = json.load(open(tmp_path / "eval" / "report_step2.json"))

@@ -29,13 +29,13 @@ import pytest
 from configs import test_tiny
 from dpdm_jax import experiment, train
 from dpdm_jax.checkpoint import CheckpointError, Checkpointer
+from helpers import assert_trees_equal, main_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_MARK = ".orbax-checkpoint-tmp"
 PROCESS_TIMEOUT_S = 3600  # a hung process fails the test instead of hanging it (generous: shared CPUs)
 STEPS_PER_EPOCH = 4  # test_tiny: N = 64, batch 16
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # one device: fast and deterministic
-       "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+ENV = main_env()  # one device: fast and deterministic
 
 
 def command(workdir, steps):
@@ -184,10 +184,7 @@ def assert_same_final_state(workdir, reference_dir, steps, template):
     a_ckpt, b_ckpt = (Checkpointer(os.path.join(d, "checkpoints")) for d in (workdir, reference_dir))
     (a, a_meta), (b, b_meta) = a_ckpt.restore_latest(template), b_ckpt.restore_latest(template)
     assert int(a.step) == int(b.step) == steps
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):  # params, Adam state, EMA, step: bit for bit
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(a, b)  # params, Adam state, EMA, step: bit for bit, structure included
     assert a_meta["ledger"] == b_meta["ledger"] and a_meta["ledger"]["steps"] == steps
     with open(os.path.join(workdir, "privacy_ledger.json")) as f:
         assert json.load(f)["steps"] == steps

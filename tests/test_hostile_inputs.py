@@ -213,15 +213,12 @@ def test_every_shipped_config_passes_validation():
 
 # ------------------------------------------------------------------- data through a training run
 
-def write_idx(path, array):
-    array = np.asarray(array, np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+from helpers import write_idx  # noqa: E402  (the one IDX writer)
 
 
 def mnist_config(data_dir):
-    return loose_config(**{"data.name": "mnist", "data.data_dir": str(data_dir), "model.attn_resolutions": (7,)})
+    return loose_config(**{"data.name": "mnist", "data.data_dir": str(data_dir), "model.attn_resolutions": (7,),
+                           "data.fetch": False, "data.tfds_dir": ""})
 
 
 @pytest.mark.parametrize("case, match", [
@@ -297,3 +294,25 @@ def test_zero_noise_multiplier_is_refused_before_compute():
     experiment.validate_config(config)
     with pytest.raises(ValueError, match="epsilon=inf .* dp.epsilon=10.*dp.enabled=False"):
         experiment.make_ledger(config, experiment.privacy_schedule(config, 64))
+
+
+def test_a_sampler_setting_its_sampler_refuses_fails_before_training(no_compute, tmp_path):
+    """sampling.num_steps=1 passes the type check but no sampler's time grid takes it: the config check
+    asks the sampler (diffusion.get_sampler), so the run fails before any compute, not at the first grid."""
+    for sampler in ("ddim", "ddim_stochastic", "edm"):
+        run_expecting_error(loose_config(**{"sampling.sampler": sampler, "sampling.num_steps": 1}),
+                            str(tmp_path / sampler), "sampling.num_steps")
+
+
+def test_choice_lists_come_from_the_registries():
+    from dpdm_jax.diffusion import PARAMETERISATIONS, SAMPLERS, parameterisations, samplers
+    from dpdm_jax.dp import ACCOUNTANTS
+    from dpdm_jax.models import CONV_IMPLS
+
+    assert set(PARAMETERISATIONS) == set(parameterisations._PARAMETERISATIONS)
+    assert set(SAMPLERS) == set(samplers._SAMPLERS)
+    for field, names in (("diffusion.parameterisation", PARAMETERISATIONS), ("sampling.sampler", SAMPLERS),
+                         ("dp.accountant", ACCOUNTANTS), ("model.conv_impl", CONV_IMPLS)):
+        with pytest.raises(ValueError, match=field) as e:
+            experiment.validate_config(loose_config(**{field: "no_such_name"}))
+        assert all(repr(n) in str(e.value) for n in names), (field, str(e.value))

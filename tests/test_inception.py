@@ -146,19 +146,12 @@ def _strokes(n):
 
 def _gray_28(n):
     """Half real MNIST test digits (if already on disk; never fetched here), half strokes."""
-    saved = os.environ.get("DPDM_DATA_NO_FETCH")
-    os.environ["DPDM_DATA_NO_FETCH"] = "1"
     try:
         from dpdm_jax.data import load_dataset
 
-        real = load_dataset("mnist", "test").images[:n // 2]
+        real = load_dataset("mnist", "test", fetch=False).images[:n // 2]
     except Exception:  # noqa: BLE001 -- data not on disk / module missing: strokes only
         real = np.zeros((0, 28, 28, 1), np.uint8)
-    finally:
-        if saved is None:
-            del os.environ["DPDM_DATA_NO_FETCH"]
-        else:
-            os.environ["DPDM_DATA_NO_FETCH"] = saved
     return np.concatenate([real, _strokes(n - len(real))])
 
 

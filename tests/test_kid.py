@@ -142,7 +142,8 @@ def test_eval_report_kid_and_label_accuracy_on_the_tiny_config(tmp_path, monkeyp
     """report.compute_kid / compute_label_accuracy wiring (flat pixels stand in for Inception)."""
     from configs import test_tiny
     from dpdm_jax import experiment
-    from dpdm_jax.evaluation import inception, report
+    from dpdm_jax import evaluate as report
+    from dpdm_jax.evaluation import inception
 
     class Flat:
         def __init__(self, **_):

@@ -11,18 +11,9 @@ from configs import test_tiny
 from dpdm_jax import experiment, train
 from dpdm_jax.checkpoint import Checkpointer
 from dpdm_jax.dp import DPPlan, run_keys
+from helpers import tiny_config
 
 
-def tiny_config(**overrides):
-    config = test_tiny.get_config()
-    config.training.sample_every = -1
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def test_init_depends_on_every_seed_bit_not_only_the_low_32():

@@ -11,31 +11,13 @@ import pytest
 from configs import test_tiny
 from dpdm_jax import train
 from dpdm_jax.checkpoint import Checkpointer
+from helpers import assert_trees_equal, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    config = test_tiny.get_config()
-    config.training.sample_every = -1
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
 def params_of(state):
     return jax.device_get((state.params, state.ema_params, state.opt_state))
-
-
-def assert_trees_equal(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_main_train_then_sample(tmp_path):

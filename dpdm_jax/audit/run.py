@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from dpdm_jax.audit import stats
+import dpdm_jax.audit.stats as stats
 from dpdm_jax.audit.mechanism import AuditConfig, AuditProblem, ReleaseFn, build_batch, engine_release_fn, make_problem
 
 # A statistic maps (flat released vector r, flat unit canary direction u) to a scalar score.

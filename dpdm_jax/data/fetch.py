@@ -79,8 +79,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="mnist,fashion_mnist",
                    help="comma-separated: mnist, fashion_mnist, cifar10")
-    p.add_argument("--data_dir", default=None, help="default: $DPDM_DATA_DIR or "
-                   "~/.cache/dpdm_jax/data")
+    p.add_argument("--data_dir", default=None, help="default: ~/.cache/dpdm_jax/data")
     p.add_argument("--force", action="store_true", help="fetch even if already present")
     p.add_argument("--no_install", action="store_true",
                    help="never run `apt-get install` (apt-get download is still tried)")

@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from dpdm_jax.data import formats
+import dpdm_jax.data.formats as formats
 from dpdm_jax.data.dataset import DataError, Dataset
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,8 @@ LOCAL_READERS = {"mnist": load_idx_local, "fashion_mnist": load_idx_local,
 
 # ----------------------------------------------------------------------------- tensorflow-datasets
 
-def tfds_roots(data_dir: str) -> list[str]:
-    roots = [os.environ.get("TFDS_DATA_DIR"), os.path.join(data_dir, "tensorflow_datasets"),
+def tfds_roots(data_dir: str, tfds_dir: str | None = None) -> list[str]:
+    roots = [tfds_dir, os.path.join(data_dir, "tensorflow_datasets"),
              os.path.join(os.path.expanduser("~"), "tensorflow_datasets")]
     return [r for r in roots if r]
 
@@ -250,9 +250,10 @@ def _version_key(path):
         return (-1,)
 
 
-def find_tfds_prepared(tfds_name: str, tfds_split: str, data_dir: str, notes: list) -> str | None:
+def find_tfds_prepared(tfds_name: str, tfds_split: str, data_dir: str, notes: list,
+                       tfds_dir: str | None = None) -> str | None:
     """The newest <root>/<tfds_name>/<version>/ holding dataset_info.json and array_record files."""
-    for root in tfds_roots(data_dir):
+    for root in tfds_roots(data_dir, tfds_dir):
         versions = sorted(glob.glob(os.path.join(root, tfds_name, "*.*.*")), key=_version_key,
                           reverse=True)
         for v in versions:
@@ -266,13 +267,13 @@ def find_tfds_prepared(tfds_name: str, tfds_split: str, data_dir: str, notes: li
     return None
 
 
-def load_tfds(name: str, split: str, data_dir: str, notes: list) -> Dataset | None:
+def load_tfds(name: str, split: str, data_dir: str, notes: list, tfds_dir: str | None = None) -> Dataset | None:
     spec = SPECS[name]
     tfds_split = spec.tfds_splits.get(split, split)
-    version_dir = find_tfds_prepared(spec.tfds_name, tfds_split, data_dir, notes)
+    version_dir = find_tfds_prepared(spec.tfds_name, tfds_split, data_dir, notes, tfds_dir)
     if version_dir is None:
         notes.append(f"no prepared tfds dataset {spec.tfds_name} (array_record) under "
-                     f"{', '.join(tfds_roots(data_dir))}")
+                     f"{', '.join(tfds_roots(data_dir, tfds_dir))}")
         return None
     try:
         import tensorflow_datasets as tfds

@@ -110,6 +110,8 @@ def from_download(name: str, timeout: float = 5.0) -> tuple[dict, str]:
 
 
 def _run(cmd, cwd, timeout) -> subprocess.CompletedProcess:
+    # The child inherits this process's environment (PATH, proxies) plus quiet flags; no setting is
+    # read from it here (tests/test_layers.py exempts this line for that reason).
     env = dict(os.environ, npm_config_update_notifier="false", npm_config_fund="false",
                DEBIAN_FRONTEND="noninteractive")
     try:

@@ -186,6 +186,7 @@ class VP:
 Parameterisation = EDM | VPrediction | VE | VP
 
 _PARAMETERISATIONS = {"edm": EDM, "v": VPrediction, "ve": VE, "vp": VP}
+PARAMETERISATIONS = tuple(_PARAMETERISATIONS)  # the registry the config check reads
 
 
 def get_parameterisation(name: str, **kwargs) -> Parameterisation:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
@@ -183,6 +184,7 @@ def edm_sample(denoise_fn: DenoiseFn, key: Array, shape: Sequence[int],
 
 
 _SAMPLERS = {"ddim": ddim_sample, "ddim_stochastic": ddim_stochastic_sample, "edm": edm_sample}
+SAMPLERS = tuple(_SAMPLERS)  # the image samplers, by name (the registry the config check reads)
 
 
 def get_sampler(name: str, **kwargs) -> Callable[..., Array]:
@@ -205,6 +207,27 @@ def get_sampler(name: str, **kwargs) -> Callable[..., Array]:
     if name == "edm":
         _check_churn(cfg["s_churn"], cfg["s_noise"])
     return functools.partial(fn, **kwargs)
+
+
+def resolve_labels(spec, num_samples: int, num_classes: int | None):
+    """The labels of `num_samples` images: the one reading of `sampling.labels` (config check, sample, eval).
+
+    'balanced' -> 0, 1, .., C-1, 0, 1, ..; 'uniform' (drawn by sample_images); a class index (an
+    int or a string of digits) in [0, C); None for an unconditional model (num_classes None), after
+    the same check of the spec (an index must then be >= 0).
+    """
+    if spec not in ("balanced", "uniform"):
+        label = int(spec) if isinstance(spec, str) and spec.strip().isdigit() else spec
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0 or (
+                num_classes is not None and label >= num_classes):
+            raise ValueError(f"sampling.labels must be 'balanced', 'uniform' or a class index in "
+                             f"[0, {num_classes}), got {spec!r}")
+        spec = int(label)
+    if num_classes is None:
+        return None
+    if spec == "balanced":
+        return np.arange(num_samples, dtype=np.int32) % num_classes
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------

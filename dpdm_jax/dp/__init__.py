@@ -3,6 +3,7 @@
 It knows nothing of diffusion: any per-example loss (params, example, key) -> scalar works.
 """
 from dpdm_jax.dp.accounting import (
+    ACCOUNTANTS,
     NO_GUARANTEE_PUBLIC_SEED,
     NO_PRIVACY,
     PrivacyLedger,
@@ -19,6 +20,7 @@ from dpdm_jax.dp.step import (DPSGDStep, TrainState, accumulate_chunk, ema_decay
 from dpdm_jax.dp.validation import check_params_only, validate_dp_params
 
 __all__ = [
+    "ACCOUNTANTS",
     "NO_GUARANTEE_PUBLIC_SEED",
     "NO_PRIVACY",
     "Chunk",

@@ -15,6 +15,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from dpdm_jax.dp.sampling import expected_batch_size
 from dpdm_jax.dp.validation import validate_accounting_params
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -152,7 +153,7 @@ class PrivacyLedger:
     @property
     def expected_batch_size(self) -> float:
         """q * N: the public normaliser of the noisy gradient sum."""
-        return self.sampling_rate * self.dataset_size
+        return expected_batch_size(self.sampling_rate, self.dataset_size)
 
     def privacy_parameters(self) -> dict[str, Any]:
         """The fields a resumed run must not change."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from dpdm_jax.dp.accounting import PrivacyLedger, compute_epsilon
-from dpdm_jax.dp.sampling import PoissonSampler
+from dpdm_jax.dp.accounting import ACCOUNTANTS, PrivacyLedger, compute_epsilon
+from dpdm_jax.dp.sampling import PoissonSampler, expected_batch_size
 from dpdm_jax.dp.step import DPSGDStep
+from dpdm_jax.validation import require_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DPPlan:
     private: bool = True
 
     def __post_init__(self):
+        require_choice("accountant", self.accountant, ACCOUNTANTS)
         if self.private and (self.clip_norm is None or not self.clip_norm > 0):
             raise ValueError(f"a private plan needs clip_norm > 0, got {self.clip_norm}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -54,7 +56,7 @@ class DPPlan:
     @property
     def expected_batch_size(self) -> float:
         """q * N: the public normaliser of the noisy gradient sum (never the realised size)."""
-        return self.sampling_rate * self.dataset_size
+        return expected_batch_size(self.sampling_rate, self.dataset_size)
 
     @property
     def step_clip_norm(self) -> float:

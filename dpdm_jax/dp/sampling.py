@@ -18,6 +18,12 @@ from typing import Iterator
 import numpy as np
 
 
+
+def expected_batch_size(sampling_rate: float, dataset_size: int) -> float:
+    """q * N, the expected size of a Poisson batch: the one definition (plan, ledger, sampler, step)."""
+    return sampling_rate * dataset_size
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """One fixed-size piece of a logical batch.
@@ -65,7 +71,7 @@ class PoissonSampler:
 
     @property
     def expected_batch_size(self) -> float:
-        return self.sampling_rate * self.dataset_size
+        return expected_batch_size(self.sampling_rate, self.dataset_size)
 
     def batch_indices(self, seed: int, step: int) -> np.ndarray:
         """Sorted int64 indices of the examples in logical batch `step` (any size, maybe 0)."""

@@ -2,22 +2,9 @@
 from __future__ import annotations
 
 import math
-import numbers
 
-
-def _require_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    return value
-
-
-def _require_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    return int(value)
+from dpdm_jax.validation import require_int as _require_int
+from dpdm_jax.validation import require_number as _require_number
 
 
 def validate_accounting_params(

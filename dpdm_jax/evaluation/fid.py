@@ -29,7 +29,7 @@ from dpdm_jax.evaluation import inception
 
 log = logging.getLogger(__name__)
 
-ENV_STATS_DIR = "DPDM_FID_STATS_DIR"
+ENV_STATS_DIR = "DPDM_FID_STATS_DIR"  # read by main.py only, into eval.fid_stats_dir
 DEFAULT_STATS_DIR = os.path.join("~", ".cache", "dpdm_jax", "fid_stats")
 STATS_FORMAT = "dpdm_jax-fid-stats-v1"
 
@@ -158,7 +158,8 @@ def image_statistics(images, extractor: Optional[inception.InceptionFeatureExtra
 
 
 def stats_dir(cache_dir: Optional[str] = None) -> str:
-    return os.path.expanduser(cache_dir or os.environ.get(ENV_STATS_DIR) or DEFAULT_STATS_DIR)
+    """cache_dir, or ~/.cache/dpdm_jax/fid_stats (main.py maps $DPDM_FID_STATS_DIR to eval.fid_stats_dir)."""
+    return os.path.expanduser(cache_dir or DEFAULT_STATS_DIR)
 
 
 def images_digest(images: np.ndarray) -> str:

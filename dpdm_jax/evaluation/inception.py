@@ -41,7 +41,7 @@ INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3
 DEFAULT_NPZ = os.path.join("~", ".cache", "dpdm_jax", "inception_fid.npz")
-ENV_NPZ = "DPDM_INCEPTION_NPZ"
+ENV_NPZ = "DPDM_INCEPTION_NPZ"  # read by main.py only, into eval.inception_weights
 NPZ_FORMAT = "dpdm_jax-inception-fid-v1"
 SOURCE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 NUM_TENSORS = 376
@@ -243,7 +243,8 @@ def param_shapes(model: Optional[InceptionV3FID] = None) -> dict:
 
 
 def default_npz_path() -> str:
-    return os.path.expanduser(os.environ.get(ENV_NPZ) or DEFAULT_NPZ)
+    """~/.cache/dpdm_jax/inception_fid.npz (main.py maps $DPDM_INCEPTION_NPZ to eval.inception_weights)."""
+    return os.path.expanduser(DEFAULT_NPZ)
 
 
 def load_inception_params(path: Optional[str] = None) -> dict:

@@ -1,4 +1,4 @@
-"""--mode=eval: samples from a checkpoint's EMA weights -> FID + downstream accuracies -> one JSON.
+"""--mode=eval (app layer): samples from a checkpoint's EMA weights -> FID + downstream accuracies -> one JSON.
 
 The report says which numbers are outside the DP guarantee: FID uses statistics of the private
 training set, and classifier accuracies are measured on the real test set (selection of the
@@ -16,8 +16,9 @@ import numpy as np
 from absl import logging
 
 from dpdm_jax import experiment, sample
-from dpdm_jax.data import load_dataset, synthetic_dataset
+from dpdm_jax.data import synthetic_dataset
 from dpdm_jax.checkpoint import ledger_from_metadata
+from dpdm_jax.diffusion import resolve_labels
 
 OUTSIDE_DP = {
     "fid": "FID compares with Inception statistics of the PRIVATE training set; the statistics are "
@@ -47,7 +48,7 @@ def _test_split(config: ml_collections.ConfigDict):
     if d.name == "synthetic":  # a second draw of the same synthetic distribution
         return synthetic_dataset(d.synthetic_size, d.synthetic_image_size, d.synthetic_channels,
                                  d.synthetic_num_classes, seed=1)
-    return load_dataset(d.name, "test", d.data_dir or None)
+    return experiment.load_public_split(config, "test")
 
 
 def compute_fid(config, images: np.ndarray, workdir: str) -> float:
@@ -57,7 +58,7 @@ def compute_fid(config, images: np.ndarray, workdir: str) -> float:
                                                     batch_size=config.eval.fid_batch_size)
     # Synthetic and user data have no global identity: cache their statistics inside the run.
     local = config.data.name == "synthetic" or config.data.name in experiment.USER_DATASETS
-    cache_dir = os.path.join(workdir, "fid_stats") if local else None
+    cache_dir = os.path.join(workdir, "fid_stats") if local else (config.eval.fid_stats_dir or None)
     ref = fid.reference_statistics(
         config.data.name, "train", images=lambda: experiment.load_training_data(config).images,
         extractor=extractor, cache_dir=cache_dir, num_images=config.eval.fid_reference_images or None,
@@ -86,8 +87,9 @@ def compute_label_accuracy(config, images: np.ndarray, labels: np.ndarray, workd
 
     synthetic = config.data.name == "synthetic"
     clf = la.get_label_classifier(
-        config.data.name, train=experiment.load_training_data(config) if synthetic else None,
-        test=_test_split(config) if synthetic else None, data_dir=config.data.data_dir or None,
+        config.data.name,
+        train=experiment.load_training_data(config) if synthetic else experiment.load_public_split(config, "train"),
+        test=_test_split(config), data_dir=config.data.data_dir or None,
         cache_dir=os.path.join(workdir, "label_classifier") if synthetic else None,
         epochs=config.eval.label_classifier_epochs)
     return la.label_accuracy(images, labels, clf) | {"outside_dp_guarantee": la.OUTSIDE_DP}
@@ -96,14 +98,15 @@ def compute_label_accuracy(config, images: np.ndarray, labels: np.ndarray, workd
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluate the checkpoint of `workdir`; writes WORKDIR/eval/report_step<step>.json."""
     experiment.validate_config(config)
-    model, ema_params, meta = sample.restore_ema_params(config, workdir, config.sampling.checkpoint_step)
+    exp = experiment.build(config, with_data=False)
+    model, ema_params, meta = sample.restore_ema_params(exp, workdir, config.sampling.checkpoint_step)
     step = int(meta["step"])
     ledger = ledger_from_metadata(meta)
-    spec = experiment.image_spec(config)
-    n = config.eval.num_samples
+    spec = exp.spec
+    n = exp.eval.num_samples
     tic = time.time()
-    labels = None if spec.num_classes is None else np.arange(n, dtype=np.int32) % spec.num_classes
-    images, labels = sample.generate(config, model, ema_params, n, jax.random.key(max(config.seed, 0) + 1),
+    labels = resolve_labels("balanced", n, spec.num_classes)  # every class equally often
+    images, labels = sample.generate(exp.sampling, model, ema_params, n, jax.random.key(max(config.seed, 0) + 1),
                                      labels=labels)
     logging.info("Generated %d samples in %.0f s.", n, time.time() - tic)
 
@@ -115,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "fid_comparison": "FID is biased by the sample count: compare FIDs only at equal fid_num_samples "
                           "and fid_reference_images (KID is unbiased, see kid).",
         "fid_reference_images": config.eval.fid_reference_images or "all of the train split",
-        "sampler": sample.sampler_options(config)[1] | {"name": config.sampling.sampler,
+        "sampler": sample.sampler_options(config.sampling)[1] | {"name": config.sampling.sampler,
                                                         "guidance_weight": config.sampling.guidance_weight},
         "privacy": {**ledger.to_dict(), "has_guarantee": ledger.has_guarantee}
         | ({"epsilon_spent": ledger.epsilon(), "epsilon_spent_pld": ledger.epsilon(accountant="pld")}
