@@ -102,6 +102,6 @@ def test_ledger_roundtrip_and_compatibility(tmp_path):
     assert loaded.epsilon() == compute_epsilon(2.5, 1 / 15, 123, 1e-5)
     assert loaded.epsilon(4500) <= 10.0 + 0.1
     loaded.check_compatible(ledger)
-    changed = PrivacyLedger(**{**ledger.to_dict(), "noise_multiplier": 2.0})
+    changed = PrivacyLedger.from_dict({**ledger.to_dict(), "noise_multiplier": 2.0})
     with pytest.raises(ValueError, match="noise_multiplier"):
         ledger.check_compatible(changed)
