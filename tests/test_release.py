@@ -11,25 +11,13 @@ import numpy as np
 import pytest
 
 from configs import release as release_config
-from configs import test_tiny
 from dpdm_jax import export, release, sample, train
 from dpdm_jax.data import load_image_folder
 from dpdm_jax.dp import PrivacyLedger
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KNOWN_SEED = 0x2BADC0DE5EED1234  # a fixed (public) training seed we can search for
-
-
-def tiny_config(**overrides):
-    config = test_tiny.get_config()
-    config.training.sample_every = -1
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def seed_needles(seed):
