@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_checkpoints = 3
     training.fid_every = 0  # > 0: FID of fid_num_samples EMA samples every this many steps
     training.fid_num_samples = 1000
+    # > 0: every N steps (and at the end) label accuracy of label_accuracy_num_samples balanced EMA
+    # samples by the cached real-data classifier (conditional MNIST / Fashion-MNIST; outside the guarantee)
+    training.label_accuracy_every = 0
+    training.label_accuracy_num_samples = 200
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.sampler = "ddim"  # ddim | ddim_stochastic | edm
@@ -105,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.classifiers = ("logreg", "mlp", "cnn")
     ev.inception_weights = ""  # "" -> $DPDM_INCEPTION_NPZ or ~/.cache/dpdm_jax/inception_fid.npz
     ev.fid_stats_dir = ""  # FID/KID reference cache of the public datasets; "" -> $DPDM_FID_STATS_DIR or ~/.cache/dpdm_jax/fid_stats
+    ev.fid = True  # FID of the samples vs the train statistics (Inception features: slow on a CPU)
     ev.kid = True  # KID (unbiased MMD^2 of Inception features) next to FID
     ev.kid_reference_images = 2000  # raw features of the first N train images (cached), capped at N
     ev.kid_num_subsets = 100

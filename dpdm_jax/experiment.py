@@ -170,6 +170,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _int("training.num_grid_samples", t.num_grid_samples, 1)
     if _int("training.fid_every", t.fid_every) > 0:
         _int("training.fid_num_samples", t.fid_num_samples, 2)
+    if _int("training.label_accuracy_every", t.label_accuracy_every) > 0:
+        _int("training.label_accuracy_num_samples", t.label_accuracy_num_samples, 1)
+        if spec.num_classes is None or config.data.name in USER_DATASETS:
+            raise ValueError("training.label_accuracy_every > 0 needs a class-conditional model of a "
+                             "built-in dataset (its real-data classifier labels the samples)")
 
     ev = config.eval
     _int("eval.num_samples", ev.num_samples, 2)
@@ -182,6 +187,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _choice(f"eval.classifiers[{i}]", kind, CLASSIFIER_KINDS)
     _str("eval.inception_weights", ev.inception_weights)
     _str("eval.fid_stats_dir", ev.fid_stats_dir)
+    _bool("eval.fid", ev.fid)
     _bool("eval.kid", ev.kid)
     _int("eval.kid_reference_images", ev.kid_reference_images, 2)
     _int("eval.kid_num_subsets", ev.kid_num_subsets, 2)

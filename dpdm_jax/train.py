@@ -23,6 +23,7 @@ from absl import logging
 
 from dpdm_jax import experiment, sample
 from dpdm_jax.checkpoint import Checkpointer, ledger_from_metadata
+from dpdm_jax.diffusion import resolve_labels
 from dpdm_jax.checkpoint import state_template as checkpoint_state_template
 from dpdm_jax.dp import (NO_GUARANTEE_PUBLIC_SEED, NO_PRIVACY, PrivacyLedger, TrainState, check_params_only,
                          data_mesh, run_keys)
@@ -232,6 +233,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         writer.write(step, {"fid": fid, "fid_num_samples": t.fid_num_samples})
         logging.info("step %d  FID(%d samples vs train stats) %.2f", step, t.fid_num_samples, fid)
 
+    def write_label_accuracy(step):
+        from dpdm_jax import evaluate  # trains the real-data classifier on first use (cached)
+
+        key = jax.random.fold_in(jax.random.fold_in(grid_key, step), 2)
+        n = t.label_accuracy_num_samples
+        labels = resolve_labels("balanced", n, spec.num_classes)
+        images, labels = sample.generate(exp.sampling, model, state.ema_params, n, key, labels=labels)
+        acc = evaluate.compute_label_accuracy(config, images, labels, workdir)
+        writer.write(step, {"label_accuracy": acc["overall"], "label_accuracy_num_samples": n})
+        logging.info("step %d  label accuracy (%d EMA samples, real-data classifier) %.3f", step, n, acc["overall"])
+
     # 4. The loop.
     for step in range(start, last):
         chunks = (
@@ -264,6 +276,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             write_grid(done)
         if t.fid_every > 0 and (done % t.fid_every == 0 or done == last):
             write_fid(done)
+        if t.label_accuracy_every > 0 and (done % t.label_accuracy_every == 0 or done == last) and is_chief:
+            write_label_accuracy(done)
 
     if start >= last:
         logging.info("Nothing to do: the checkpoint is already at step %d.", start)

@@ -36,3 +36,25 @@ def test_eval_report(tmp_path):
     assert saved["privacy"]["epsilon_spent_pld"] <= saved["privacy"]["epsilon_spent"]
     assert "PRIVATE training set" in saved["outside_dp_guarantee"]["fid"]
     assert result["fid"] == saved["fid"]
+
+
+def test_eval_without_inception_reports_label_accuracy_and_classifiers(tmp_path):
+    """eval.fid / eval.kid off: no Inception features, the cheap CPU metrics still reported."""
+    config = test_tiny.get_config()
+    config.training.max_steps = 2
+    config.training.sample_every = -1
+    config.eval.num_samples = 12
+    config.eval.classifier_epochs = 1
+    config.eval.label_classifier_epochs = 1
+    config.eval.classifiers = ("logreg",)
+    config.eval.fid = False
+    config.eval.kid = False
+    config.eval.inception_weights = "/nonexistent/inception.npz"  # never opened
+    train.train(config, str(tmp_path))
+    report.run(config, str(tmp_path))
+    saved = json.load(open(tmp_path / "eval" / "report_step2.json"))
+    assert saved["fid"] is None and saved["fid_skipped"] == "eval.fid=False" and "kid" not in saved
+    acc = saved["label_accuracy"]
+    assert acc["num_samples"] == 12 and acc["per_class_counts"] == [4, 4, 4]
+    assert 0.0 <= acc["overall"] <= 1.0
+    assert 0.0 <= saved["classifiers"]["logreg"]["test_acc"] <= 1.0

@@ -95,3 +95,24 @@ def test_default_seed_is_secret_and_fresh():
     assert len(seeds) == 4 and all(0 <= s < 2**62 for s in seeds)
     assert train.run_seed(-1, 1234) == 1234  # a resumed run keeps its stored secret seed
     assert train.run_seed(7, None) == 7  # explicit, known seed: tests and debugging only
+
+
+def test_training_log_records_label_accuracy(tmp_path):
+    """training.label_accuracy_every: the real-data classifier labels balanced EMA samples in the log."""
+    config = tiny_config(**{"training.max_steps": 3, "training.label_accuracy_every": 2,
+                            "training.label_accuracy_num_samples": 9, "eval.label_classifier_epochs": 1})
+    train.train(config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    measured = {r["step"]: r for r in records if "label_accuracy" in r}
+    assert sorted(measured) == [2, 3]  # every 2 steps and at the end
+    for r in measured.values():
+        assert r["label_accuracy_num_samples"] == 9
+        assert r["label_accuracy"] in {k / 9 for k in range(10)}  # a fraction of the 9 samples
+
+
+def test_label_accuracy_in_the_log_needs_a_conditional_builtin_dataset(tmp_path):
+    from dpdm_jax import experiment
+
+    config = tiny_config(**{"training.label_accuracy_every": 2, "data.conditional": False})
+    with pytest.raises(ValueError, match="label_accuracy_every"):
+        experiment.validate_config(config)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The side-by-side studies of docs/fidelity.md at CPU scale: each run is the quickstart
+# (configs/quickstart.py: 308k-parameter DDPM++, expected batch 256, 294 steps) with one change,
+# trained on real MNIST / Fashion-MNIST, then scored by --mode=eval.
+#
+#   bash benchmarks/fidelity_study.sh [RUN ...]      (default: every run, one after another)
+#   ROOT=runs/fidelity EVAL_SAMPLES=1000 FID=1 bash benchmarks/fidelity_study.sh dp10 np
+#
+# Runs: dp10 dp1 np (privacy cost), k2 k4 (noise multiplicity, epsilon 10, equal steps),
+# v vp ve (parameterisation; dp10 is EDM), fmnist10 fmnist_np (Fashion-MNIST), guidance
+# (classifier-free guidance weight 0 / 3 / 6 on dp10's checkpoint; the runs use 1), samplers
+# (DDIM / stochastic DDIM / EDM Heun without and with churn (gamma 0.1, as the paper's s_churn 100 at 1000 steps) on dp10's checkpoint: sampling only, free for privacy).
+# Each run writes ROOT/NAME/{train.log, metrics.jsonl, samples/grid_step*.png, eval/*.json}
+# and appends {name, phase, wall_s} to ROOT/wall.jsonl. Seeds are secret (the default), so
+# repeated runs differ; label accuracy from 100-500 samples has a standard error of 2-5 points.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${ROOT:-runs/fidelity}
+EVAL_SAMPLES=${EVAL_SAMPLES:-500}
+FID=${FID:-0}  # 1: also FID and KID (Inception features: about 7 images/s on 2 cores)
+mkdir -p "$ROOT"
+
+declare -A OVERRIDES=(
+  [dp10]=""
+  [dp1]="--config.dp.epsilon=1"
+  [np]="--config.dp.enabled=False"
+  [k2]="--config.diffusion.noise_multiplicity=2"
+  [k4]="--config.diffusion.noise_multiplicity=4"
+  [v]="--config.diffusion.parameterisation=v"
+  [vp]="--config.diffusion.parameterisation=vp"
+  [ve]="--config.diffusion.parameterisation=ve"
+  [fmnist10]="--config.data.name=fashion_mnist"
+  [fmnist_np]="--config.data.name=fashion_mnist --config.dp.enabled=False"
+)
+ORDER=(dp10 np dp1 guidance samplers k2 k4 v vp ve fmnist10 fmnist_np)
+
+timed() {  # timed NAME PHASE COMMAND...: run, append the wall time
+  local name=$1 phase=$2 start=$SECONDS
+  shift 2
+  "$@"
+  echo "{\"name\": \"$name\", \"phase\": \"$phase\", \"wall_s\": $((SECONDS - start))}" >> "$ROOT/wall.jsonl"
+}
+
+evaluate() {  # evaluate NAME TAG [overrides...]: --mode=eval, report copied to eval/TAG.json
+  local name=$1 tag=$2
+  shift 2
+  local fid=False
+  [ "$FID" = 1 ] && fid=True
+  timed "$name" "eval_$tag" python -m dpdm_jax.main --config=configs/quickstart.py --workdir="$ROOT/$name" \
+    --mode=eval ${OVERRIDES[$name]:-} --config.eval.num_samples="$EVAL_SAMPLES" \
+    --config.eval.classifiers="('cnn',)" --config.eval.fid=$fid --config.eval.kid=$fid "$@" >> "$ROOT/$name/eval.log" 2>&1
+  local report
+  report=$(ls -t "$ROOT/$name"/eval/report_step*.json | head -n 1)
+  cp "$report" "$ROOT/$name/eval/$tag.json"
+}
+
+for name in "${@:-${ORDER[@]}}"; do
+  if [ "$name" = guidance ]; then  # classifier-free guidance weight on dp10 (sampling only)
+    [ -e "$ROOT/dp10/eval/ddim.json" ] || evaluate dp10 ddim
+    for w in 0 3 6; do evaluate dp10 "ddim_w$w" --config.sampling.guidance_weight=$w; done
+    continue
+  fi
+  if [ "$name" = samplers ]; then  # one trained model (dp10), three samplers
+    evaluate dp10 ddim_stochastic --config.sampling.sampler=ddim_stochastic
+    evaluate dp10 edm_heun --config.sampling.sampler=edm --config.sampling.num_steps=25
+    evaluate dp10 edm_churn --config.sampling.sampler=edm --config.sampling.s_churn=2.5 \
+      --config.sampling.num_steps=25
+    continue
+  fi
+  [ -n "${OVERRIDES[$name]+x}" ] || { echo "unknown run $name" >&2; exit 2; }
+  mkdir -p "$ROOT/$name"
+  # shellcheck disable=SC2086
+  timed "$name" train python -m dpdm_jax.main --config=configs/quickstart.py --workdir="$ROOT/$name" \
+    ${OVERRIDES[$name]} --config.training.label_accuracy_every=98 > "$ROOT/$name/train.log" 2>&1
+  evaluate "$name" ddim
+done
