@@ -29,7 +29,9 @@ def get_config(preset: str = ""):
     config.training.num_grid_samples = 100
     config.sampling.num_steps = 50
     config.sampling.batch_size = 100
-    config.sampling.guidance_weight = 1.0
+    # Classifier-free guidance 3 (sampling only, free for privacy): on the epsilon = 10 checkpoint,
+    # label accuracy 15.0 / 22.6 / 26.6 / 27.6 % at weights 0 / 1 / 3 / 6 (docs/fidelity.md).
+    config.sampling.guidance_weight = 3.0
     # --mode=eval sized for a CPU: a smoke FID (not comparable with the paper's 60k-sample FID).
     config.eval.num_samples = 1000
     config.eval.fid_reference_images = 2000
