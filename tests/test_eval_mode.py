@@ -13,18 +13,26 @@ from dpdm_jax.evaluation import inception
 WEIGHTS = os.environ.get("DPDM_INCEPTION_NPZ", inception.default_npz_path())
 
 
+def trained_tiny_run(workdir, num_samples, classifiers, **eval_fields):
+    """test_tiny trained 2 steps in `workdir`; its config with the eval section set for the test."""
+    config = test_tiny.get_config()
+    config.training.max_steps = 2
+    config.training.sample_every = -1
+    config.eval.num_samples = num_samples
+    config.eval.classifiers = classifiers
+    for field, value in eval_fields.items():
+        config.eval[field] = value
+    train.train(config, workdir)
+    return config
+
+
 @pytest.mark.slow
 @pytest.mark.real_weights
 @pytest.mark.skipif(not os.path.exists(WEIGHTS), reason="converted FID weights absent (see .ci/run)")
 def test_eval_report(tmp_path):
-    config = test_tiny.get_config()
-    config.training.max_steps = 2
-    config.training.sample_every = -1
-    config.eval.num_samples = 30
-    config.eval.classifier_epochs = 2
-    config.eval.classifiers = ("logreg", "mlp")
-    config.eval.inception_weights = WEIGHTS  # the environment reaches the app only through main.py
-    train.train(config, str(tmp_path))
+    # The environment reaches the app only through main.py: the weights path is a config field.
+    config = trained_tiny_run(str(tmp_path), 30, ("logreg", "mlp"), classifier_epochs=2,
+                              inception_weights=WEIGHTS)
     result = report.run(config, str(tmp_path))
     saved = json.load(open(tmp_path / "eval" / "report_step2.json"))
     assert saved["step"] == 2 and saved["num_samples"] == 30
@@ -40,17 +48,8 @@ def test_eval_report(tmp_path):
 
 def test_eval_without_inception_reports_label_accuracy_and_classifiers(tmp_path):
     """eval.fid / eval.kid off: no Inception features, the cheap CPU metrics still reported."""
-    config = test_tiny.get_config()
-    config.training.max_steps = 2
-    config.training.sample_every = -1
-    config.eval.num_samples = 12
-    config.eval.classifier_epochs = 1
-    config.eval.label_classifier_epochs = 1
-    config.eval.classifiers = ("logreg",)
-    config.eval.fid = False
-    config.eval.kid = False
-    config.eval.inception_weights = "/nonexistent/inception.npz"  # never opened
-    train.train(config, str(tmp_path))
+    config = trained_tiny_run(str(tmp_path), 12, ("logreg",), classifier_epochs=1, label_classifier_epochs=1,
+                              fid=False, kid=False, inception_weights="/nonexistent/inception.npz")  # never opened
     report.run(config, str(tmp_path))
     saved = json.load(open(tmp_path / "eval" / "report_step2.json"))
     assert saved["fid"] is None and saved["fid_skipped"] == "eval.fid=False" and "kid" not in saved
