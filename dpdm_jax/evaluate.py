@@ -30,8 +30,9 @@ OUTSIDE_DP = {
                            "real test set; choosing among runs/checkpoints by these numbers is model "
                            "selection on real data, outside the guarantee.",
     "training_metrics": "metrics.jsonl, TensorBoard and the log lines (loss, gradient norms, clipped fraction, "
-                        "non-finite fraction, realised batch size num_examples, step time) are computed "
-                        "from private data without noise: not covered.",
+                        "non-finite fraction, realised batch size num_examples, step time, and the label "
+                        "accuracy of samples scored by a classifier trained on the real training set) are "
+                        "computed from private data without noise: not covered.",
     "checkpoints": "Checkpoints hold the secret run seed in their metadata (and the non-EMA weights and "
                    "optimiser state, which are covered): keep them private; release only weights or samples.",
     "covered": "The trained weights and the generated samples are covered by the (epsilon, delta) "

@@ -240,6 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         n = t.label_accuracy_num_samples
         labels = resolve_labels("balanced", n, spec.num_classes)
         images, labels = sample.generate(exp.sampling, model, state.ema_params, n, key, labels=labels)
+        if not is_chief:  # every host samples (as for the grid); process 0 scores and writes
+            return
         acc = evaluate.compute_label_accuracy(config, images, labels, workdir)
         writer.write(step, {"label_accuracy": acc["overall"], "label_accuracy_num_samples": n})
         logging.info("step %d  label accuracy (%d EMA samples, real-data classifier) %.3f", step, n, acc["overall"])
@@ -276,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             write_grid(done)
         if t.fid_every > 0 and (done % t.fid_every == 0 or done == last):
             write_fid(done)
-        if t.label_accuracy_every > 0 and (done % t.label_accuracy_every == 0 or done == last) and is_chief:
+        if t.label_accuracy_every > 0 and (done % t.label_accuracy_every == 0 or done == last):
             write_label_accuracy(done)
 
     if start >= last:
