@@ -40,14 +40,16 @@ def test_values_gradients_and_per_example_gradients(monkeypatch, impl, kernel, g
     ref = lambda w, x: jnp.sum(jnp.sin(ref_conv(x, w)))
     explicit = ((1, 1), (1, 1)) if kernel == 3 else ((0, 0), (0, 0))
     np.testing.assert_allclose(conv(x[0], w, (1, 1), explicit), ref_conv(x[0], w), rtol=1e-5, atol=1e-5)
+    # Gradients sum 36 products per weight in another order than XLA's own convolution: float32
+    # reassociation differs by CPU (1.4e-5 measured on an AMD EPYC), a wrong gradient by O(0.1).
     for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(w, x[0]), jax.grad(ref, (0, 1))(w, x[0])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
     # Per-example gradients (vmap over the leading axis, parameters shared), as DP-SGD takes them.
     per_ex = jax.jit(jax.vmap(jax.grad(ours, (0, 1)), in_axes=(None, 0)))(w, x)
     per_ex_ref = jax.vmap(jax.grad(ref, (0, 1)), in_axes=(None, 0))(w, x)
     assert per_ex[0].shape == (3,) + w.shape
     for a, b in zip(per_ex, per_ex_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 0), (0, 1)), "VALID"])
