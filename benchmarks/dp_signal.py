@@ -106,7 +106,7 @@ def main():
     else:
         template = checkpoint.state_template(model, experiment.make_optimizer(config))
         ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"))
-        state, meta = ckpt.restore_latest(template)
+        state, _ = ckpt.restore_latest(template)
         ckpt.close()
         params = state.params
     results = [measure(config, params, data, k, args.examples, args.chunk, args.seed) for k in args.ks]
@@ -115,15 +115,16 @@ def main():
     projections = []
     for item in args.settings.split(","):
         batch, epochs = item.split(":")
-        q = 1.0 / math.ceil(n / int(batch))
-        steps = int(round(float(epochs) * math.ceil(n / int(batch))))
+        config.dp.batch_size, config.dp.epochs = int(batch), float(epochs)
+        schedule = experiment.privacy_schedule(config, n)  # the q and T a run with these settings uses
+        q, steps, qn = schedule.sampling_rate, schedule.num_steps, schedule.expected_batch_size
         sigma = accounting.calibrate_noise_multiplier(args.epsilon, q, steps, config.dp.delta)
         for r in results:
-            dp_noise = sigma * config.dp.clip_norm * math.sqrt(r["num_params"]) / (q * n)
-            sampling_noise = math.sqrt(max(r["mean_sq_clipped_norm"] - r["mu_norm_sq_unbiased"], 0.0) / (q * n))
+            dp_noise = sigma * config.dp.clip_norm * math.sqrt(r["num_params"]) / qn
+            sampling_noise = math.sqrt(max(r["mean_sq_clipped_norm"] - r["mu_norm_sq_unbiased"], 0.0) / qn)
             snr = r["mu_norm"] / math.hypot(dp_noise, sampling_noise)
-            projections.append({"batch": q * n, "epochs": float(epochs), "steps": steps, "sigma": sigma,
-                                "k": r["k"], "compute_examples_x_k": q * n * steps * r["k"],
+            projections.append({"batch": qn, "epochs": float(epochs), "steps": steps, "sigma": sigma,
+                                "k": r["k"], "compute_examples_x_k": qn * steps * r["k"],
                                 "dp_noise_norm_on_mean": dp_noise, "sampling_noise_norm": sampling_noise,
                                 "snr_per_step": snr, "steps_x_snr_sq": steps * snr ** 2})
     print(json.dumps({"workdir": None if args.init else args.workdir, "epsilon": args.epsilon,
