@@ -42,7 +42,7 @@ def flat_clipped_grads(loss_fn, params, examples, ids, key, clip_norm):
     """(B, d) clipped per-example gradients, flattened."""
     keys = jax.vmap(lambda i: clipping.example_key(key, i))(ids)
     mask = jnp.ones(ids.shape, bool)
-    clipped, stats = jax.vmap(lambda ex, k, m: clipping._clip_one(loss_fn, clip_norm, params, ex, k, m))(
+    clipped, stats = jax.vmap(lambda ex, k, m: clipping.clipped_example_grad(loss_fn, clip_norm, params, ex, k, m))(
         examples, keys, mask)
     flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(clipped)], axis=1)
     return flat, stats.norm_sum

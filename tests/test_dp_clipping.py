@@ -84,6 +84,23 @@ def test_padding_and_nonfinite_rows_contribute_zero():
     assert stats.num_nonfinite == 1 and stats.num_examples == 6
 
 
+def test_public_per_example_clipped_gradients_sum_to_the_engine_sum():
+    """`clipped_example_grad` (for per-example analyses) is what the engine sums, row by row."""
+    ex = make_examples(6)
+    ex["x"][4] = np.nan  # a non-finite real row
+    ids = np.arange(6, dtype=np.int32)
+    mask = np.array([1, 1, 1, 1, 1, 0], bool)  # the last row is padding
+    params = init_params()
+    keys = jax.vmap(lambda i: example_key(KEY, i))(ids)
+    rows, stats = jax.vmap(lambda e, k, m: clipping.clipped_example_grad(LOSS, 1.0, params, e, k, m))(ex, keys, mask)
+    norms = np.asarray(jax.vmap(optax.global_norm)(rows))
+    assert np.all(norms <= 1.0 + 1e-5) and norms[4] == 0.0 and norms[5] == 0.0
+    assert np.sum(norms > 0.99) >= 2, "test needs some clipped rows"
+    total, total_stats = run(ex, ids, mask)
+    assert tree_allclose(jax.tree.map(lambda g: g.sum(0), rows), total, rtol=1e-5, atol=1e-6)
+    assert float(stats.num_nonfinite.sum()) == float(total_stats.num_nonfinite) == 1.0
+
+
 def test_all_padding_chunk_is_zero():
     ex = make_examples(4)
     got, stats = run(ex, np.zeros(4, np.int32), np.zeros(4, bool))

@@ -10,7 +10,8 @@ from dpdm_jax.dp.accounting import (
     calibrate_noise_multiplier,
     compute_epsilon,
 )
-from dpdm_jax.dp.clipping import ClipStats, clipped_grad_sum, example_key, noise_multiplicity_loss
+from dpdm_jax.dp.clipping import (ClipStats, clipped_example_grad, clipped_grad_sum, example_key,
+                                  noise_multiplicity_loss)
 from dpdm_jax.dp.noise import gaussian_noise_like, privatise_gradient_sum
 from dpdm_jax.dp.plan import DPPlan
 from dpdm_jax.dp.sampling import Chunk, PoissonSampler
@@ -33,6 +34,7 @@ __all__ = [
     "accumulate_chunk",
     "calibrate_noise_multiplier",
     "check_params_only",
+    "clipped_example_grad",
     "clipped_grad_sum",
     "compute_epsilon",
     "data_mesh",

@@ -73,8 +73,13 @@ def noise_multiplicity_loss(draw_loss_fn: Callable, noise_multiplicity: int) -> 
     return loss_fn
 
 
-def _clip_one(loss_fn: LossFn, clip_norm: float, params, example, key, real):
-    """Clipped gradient of one example (zero if padding or non-finite) and its stats."""
+def clipped_example_grad(loss_fn: LossFn, clip_norm: float, params, example, key, real):
+    """Clipped gradient of ONE example (zero if padding or non-finite) and its ClipStats.
+
+    Args: as `clipped_grad_sum`, for a single example (no batch axis); `real` is a bool scalar.
+    Returns: (gradient pytree shaped like params, norm <= clip_norm; ClipStats of this example).
+    The engine only ever releases sums of these (plus noise); vmap it for per-example analyses.
+    """
     loss, grads = jax.value_and_grad(loss_fn)(params, example, key)
     norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(norm)
@@ -120,7 +125,7 @@ def clipped_grad_sum(
     """
     batch = example_ids.shape[0]
     keys = jax.vmap(lambda i: example_key(key, i))(example_ids)
-    per_example = jax.vmap(lambda ex, k, m: _clip_one(loss_fn, clip_norm, params, ex, k, m))
+    per_example = jax.vmap(lambda ex, k, m: clipped_example_grad(loss_fn, clip_norm, params, ex, k, m))
 
     def reduce(ex, k, m):
         clipped, stats = per_example(ex, k, m)
