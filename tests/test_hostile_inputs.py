@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from configs import test_tiny
 from dpdm_jax import experiment, train
 from dpdm_jax.data import DataError, Dataset
+from dpdm_jax.diffusion import PARAMETERISATIONS, SAMPLERS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INF = math.inf
@@ -111,7 +112,7 @@ HOSTILE = {
     "dp.allow_delta_above_1_over_n": BAD_BOOL,
     "diffusion.noise_multiplicity": bad_int(1),
     "diffusion.label_dropout": bad_real(0, 1, hi_open=True),
-    "diffusion.parameterisation": bad_choice(experiment.PARAMETERISATIONS),
+    "diffusion.parameterisation": bad_choice(PARAMETERISATIONS),
     # The test process has 8 devices: chunks must be multiples of 8, and 8 / 8 = 1 per device.
     "training.chunk_size": st.one_of(bad_int(1), st.integers(1, 10**6).filter(lambda v: v % 8)),
     "training.microbatch_size": st.one_of(bad_int(0), st.integers(min_value=2)),
@@ -129,7 +130,7 @@ HOSTILE = {
     "optim.learning_rate": bad_real(0, INF, lo_open=True),
     "optim.b2": bad_real(0, 1, hi_open=True),
     "optim.ema_max_decay": bad_real(0, 1),
-    "sampling.sampler": bad_choice(experiment.SAMPLERS),
+    "sampling.sampler": bad_choice(SAMPLERS),
     "sampling.num_steps": bad_int(1),
     "sampling.guidance_weight": bad_real(-INF, INF),
     "sampling.batch_size": bad_int(1),
