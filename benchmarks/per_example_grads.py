@@ -10,6 +10,13 @@ For each network (the paper's MNIST DDPM++ and a small one) and each part:
                   one gradient per row; rows are summed per example (K draws), then Opacus's
                   DPOptimizer clips per example, adds noise once and runs Adam
   port_check      loads the Flax parameters into the PyTorch port and compares outputs
+  matmul_probe    XLA's fp32 rate on one 2048 x 2048 matrix product (GFLOP/s): the yardstick
+
+Work per step: XLA's cost analysis (flops) of the JAX non-private step's program for the same
+B x K rows is each network's "useful" work, so every part (torch included) gets
+useful_gflops = that / its median step time; JAX parts also report xla_gflop of their own program
+(for jax_dp: the per-example clipped sum, i.e. the per-example gradients and clipping). With
+matmul_probe in the run, each rate is also given as a fraction of the matrix-product rate.
 
 Every part runs in its own worker subprocess, so peak RSS (VmHWM) is per configuration. The
 workers are started (and compiled) one at a time, then the parent times them INTERLEAVED,
@@ -39,7 +46,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from dpdm_jax.models.layers import CONV_IMPLS  # noqa: E402  (the registry; starts no backend)
 
 CONV_IMPLS = tuple(c for c in CONV_IMPLS if c != "auto")
-ALL_PARTS = PARTS + tuple(f"{p}@{c}" for p in PARTS[:2] for c in CONV_IMPLS) + ("port_check",)
+ALL_PARTS = PARTS + tuple(f"{p}@{c}" for p in PARTS[:2] for c in CONV_IMPLS) + ("port_check", "matmul_probe")
+SINGLE_SHOT = ("port_check", "matmul_probe")  # one RESULT, no timed rounds
 # The small network: same blocks, two levels, one residual block per level.
 NETWORKS = {
     "mnist": dict(),
@@ -57,7 +65,7 @@ def jax_setup(cfg):
     import optax
 
     from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
-    from dpdm_jax.dp import DPSGDStep, data_mesh
+    from dpdm_jax.dp import DPSGDStep, clipped_grad_sum, data_mesh
     from dpdm_jax.models import count_params, ddpmpp_for, init_shapes
 
     from dpdm_jax.models.layers import resolve_conv_impl
@@ -78,18 +86,20 @@ def jax_setup(cfg):
     opt = optax.adam(LR)
     info.update(params=count_params(shapes), backend=jax.default_backend())
     run_key = jax.random.key(0)
+    ex = jax.tree.map(jnp.asarray, examples)
+
+    @jax.jit
+    def step(params, opt_state, key):  # the non-private step; its flops are the "useful" work
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids))
+        mean_loss = lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, ex, keys))
+        grads = jax.grad(mean_loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    info["nonprivate_gflop"] = lowered_gflop(step, params, opt.init(params), run_key)
 
     if cfg["part"].startswith("jax_nonprivate"):
-        ex = jax.tree.map(jnp.asarray, examples)
-
-        @jax.jit
-        def step(params, opt_state, key):
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids))
-            mean_loss = lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, ex, keys))
-            grads = jax.grad(mean_loss)(params)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
+        info["xla_gflop"] = info["nonprivate_gflop"]
         state = [params, opt.init(params), 0]
 
         def run():
@@ -103,6 +113,8 @@ def jax_setup(cfg):
                         mesh=data_mesh(jax.devices()[:1]), microbatch_size=cfg.get("microbatch"),
                         **({"clipping_method": cfg["clipping"]} if cfg.get("clipping") else {}))
     mask = np.ones(b, bool)
+    info["xla_gflop"] = lowered_gflop(
+        lambda p, key: clipped_grad_sum(loss_fn, p, ex, jnp.asarray(ids), jnp.asarray(mask), key, CLIP), params, run_key)
     state = [dp_step.init(params), 0]
 
     def run():
@@ -111,6 +123,33 @@ def jax_setup(cfg):
         jax.block_until_ready(state[0].params)
 
     return run, info
+
+
+def lowered_gflop(fn, *args) -> float | None:
+    """XLA's cost-analysis flop count of jit(fn)(*args), in GFLOP (from the lowered HLO; no compile)."""
+    import jax
+
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return round(cost["flops"] / 1e9, 4) if cost and "flops" in cost else None
+
+
+def matmul_probe(n: int = 2048, repeats: int = 7) -> dict:
+    """XLA's fp32 matrix-product rate on this machine: median over `repeats` of an n x n x n product."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32)) for _ in range(2))
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dot(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return {"n": n, "xla_matmul_gflops": round(2 * n**3 / statistics.median(times) / 1e9, 1)}
 
 
 # --------------------------------------------------------------------------- torch workers
@@ -216,8 +255,9 @@ def worker(cfg):
         # Both frameworks get the same CPUs: XLA sizes its thread pool from the affinity mask,
         # torch is told the same number of intra-op threads.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: cfg["threads"]])
-    if cfg["part"] == "port_check":
-        print("RESULT " + json.dumps(port_check(cfg)), flush=True)
+    if cfg["part"] in SINGLE_SHOT:
+        result = port_check(cfg) if cfg["part"] == "port_check" else matmul_probe()
+        print("RESULT " + json.dumps(result), flush=True)
         return
     rss_start = status_kib("VmRSS")
     setup = jax_setup if cfg["part"].startswith("jax") else torch_setup
@@ -323,7 +363,7 @@ def run_networks(args, env, out, deadline, live):
             w = Worker(cfg, env, args.timeout)
             live.append(w)
             try:
-                if part == "port_check":
+                if part in SINGLE_SHOT:
                     res[part] = json.loads(w.read("RESULT "))
                     w.proc.wait()
                     continue
@@ -348,6 +388,7 @@ def run_networks(args, env, out, deadline, live):
                 med = statistics.median(t)
                 res[part].update(median_s=round(med, 4), min_s=round(min(t), 4), times_s=[round(x, 4) for x in t],
                                  rows_per_s=round(args.batch * args.k / med, 2))
+        add_rates(res)
         # Ratios of medians, all from this run (interleaved). Time ratios: > 1 = slower.
         ratios = {}
         rate = lambda part: res.get(part, {}).get("rows_per_s")
@@ -362,6 +403,24 @@ def run_networks(args, env, out, deadline, live):
         if rate("opacus_dp") and rate("torch_nonprivate"):
             ratios["opacus_time_over_torch_nonprivate"] = round(rate("torch_nonprivate") / rate("opacus_dp"), 3)
         res["ratios"] = ratios
+
+
+def add_rates(res: dict) -> None:
+    """Per timed part: useful GFLOP/s (the non-private step's XLA flops / median step), the part's own
+    XLA GFLOP/s (JAX parts), and both as fractions of the matrix-product rate when it was probed."""
+    useful = next((r["nonprivate_gflop"] for r in res.values() if isinstance(r, dict) and r.get("nonprivate_gflop")),
+                  None)
+    matmul = res.get("matmul_probe", {}).get("xla_matmul_gflops")
+    for part, r in res.items():
+        if not isinstance(r, dict) or not r.get("median_s"):
+            continue
+        rates = {"useful_gflops": useful and useful / r["median_s"],
+                 "xla_gflops": r.get("xla_gflop") and r["xla_gflop"] / r["median_s"]}
+        for name, rate in rates.items():
+            if rate:
+                r[name] = round(rate, 2)
+                if matmul:
+                    r[name.replace("gflops", "over_matmul")] = round(rate / matmul, 3)
 
 
 if __name__ == "__main__":
