@@ -59,7 +59,8 @@ def test_real_step_passes_and_audit_is_tight(tmp_path):
     assert result["eps_lower_bound"] <= result["eps_exact"] <= result["eps_pld"] + 1e-3
     assert result["eps_pld"] <= result["eps_claimed"]
     # The audit has power: it gets most of what a perfect audit could with this many repetitions.
-    assert result["eps_lower_bound"] >= 0.8 * result["eps_ideal"] > 0
+    # (eps_lower_bound / eps_ideal over seeds 0-5 was 0.74-1.09: 0.6 leaves room for the noise draw.)
+    assert result["eps_lower_bound"] >= 0.6 * result["eps_ideal"] > 0
 
 
 def test_cli_calibrates_sigma_from_target_epsilon():

@@ -26,6 +26,17 @@ def test_noise_std_is_sigma_c_over_expected_batch():
     assert not np.allclose(out["a"].ravel()[:1000], out["b"])
 
 
+def test_noise_keeps_each_leaf_dtype_and_shape_and_is_independent_across_leaves():
+    from dpdm_jax.dp import gaussian_noise_like
+
+    tree = {"a": jnp.zeros((40, 50), jnp.bfloat16), "b": jnp.zeros((40, 50)), "c": jnp.zeros((), jnp.float32)}
+    noise = gaussian_noise_like(tree, jax.random.key(5), 2.0)
+    assert {k: (v.dtype, v.shape) for k, v in noise.items()} == {k: (v.dtype, v.shape) for k, v in tree.items()}
+    a, b = np.asarray(noise["a"], np.float32).ravel(), np.asarray(noise["b"]).ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.1 and abs(b.std() / 2.0 - 1) < 0.05
+    assert gaussian_noise_like({}, jax.random.key(5), 2.0) == {}
+
+
 def test_normalised_by_expected_not_realised_batch():
     g = {"w": jnp.full((3,), 6.0)}
     out = privatise_gradient_sum(g, jax.random.key(0), 0.0, 1.0, expected_batch_size=4.0)
