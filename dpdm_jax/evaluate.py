@@ -52,11 +52,18 @@ def _test_split(config: ml_collections.ConfigDict):
     return experiment.load_public_split(config, "test")
 
 
-def compute_fid(config, images: np.ndarray, workdir: str) -> float:
+def feature_extractor(config):
+    """The Inception extractor FID and KID share; it computes the features of the same images once
+    (the samples, and the first N training images when the two reference counts are equal)."""
     from dpdm_jax.evaluation import fid, inception
 
-    extractor = inception.InceptionFeatureExtractor(path=config.eval.inception_weights or None,
-                                                    batch_size=config.eval.fid_batch_size)
+    return fid.MemoisedExtractor(inception.InceptionFeatureExtractor(path=config.eval.inception_weights or None,
+                                                                     batch_size=config.eval.fid_batch_size))
+
+
+def compute_fid(config, images: np.ndarray, workdir: str, extractor) -> float:
+    from dpdm_jax.evaluation import fid
+
     # Synthetic and user data have no global identity: cache their statistics inside the run.
     local = config.data.name == "synthetic" or config.data.name in experiment.USER_DATASETS
     cache_dir = os.path.join(workdir, "fid_stats") if local else (config.eval.fid_stats_dir or None)
@@ -67,12 +74,10 @@ def compute_fid(config, images: np.ndarray, workdir: str) -> float:
     return fid.fid_from_stats(fid.image_statistics(images, extractor), ref)
 
 
-def compute_kid(config, images: np.ndarray, workdir: str) -> dict:
+def compute_kid(config, images: np.ndarray, workdir: str, extractor) -> dict:
     """KID of the samples against the first eval.kid_reference_images train images (cached features)."""
-    from dpdm_jax.evaluation import inception, kid
+    from dpdm_jax.evaluation import kid
 
-    extractor = inception.InceptionFeatureExtractor(path=config.eval.inception_weights or None,
-                                                    batch_size=config.eval.fid_batch_size)
     train = experiment.load_training_data(config).images
     cache_dir = os.path.join(workdir, "fid_stats") if config.data.name == "synthetic" else None
     ref = kid.reference_features(config.data.name, "train", min(config.eval.kid_reference_images, len(train)),
@@ -126,9 +131,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
            if ledger.private else {}),
         "outside_dp_guarantee": OUTSIDE_DP,
     }
+    extractor = feature_extractor(config) if config.eval.fid or config.eval.kid else None
     if config.eval.fid:
         try:
-            report["fid"] = compute_fid(config, images, workdir)
+            report["fid"] = compute_fid(config, images, workdir, extractor)
         except FileNotFoundError as e:  # no converted Inception weights on this machine
             report["fid"] = None
             report["fid_error"] = str(e)
@@ -138,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report["fid_skipped"] = "eval.fid=False"
     if config.eval.kid:
         try:
-            report["kid"] = compute_kid(config, images, workdir)
+            report["kid"] = compute_kid(config, images, workdir, extractor)
         except FileNotFoundError as e:
             report["kid"] = None
             report["kid_error"] = str(e)

@@ -229,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
         key = jax.random.fold_in(jax.random.fold_in(grid_key, step), 1)
         images, _ = sample.generate(exp.sampling, model, state.ema_params, t.fid_num_samples, key)
-        fid = evaluate.compute_fid(config, images, workdir)
+        fid = evaluate.compute_fid(config, images, workdir, evaluate.feature_extractor(config))
         writer.write(step, {"fid": fid, "fid_num_samples": t.fid_num_samples})
         logging.info("step %d  FID(%d samples vs train stats) %.2f", step, t.fid_num_samples, fid)
 

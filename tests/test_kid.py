@@ -149,7 +149,10 @@ def test_eval_report_kid_and_label_accuracy_on_the_tiny_config(tmp_path, monkeyp
         def __init__(self, **_):
             pass
 
-        def __call__(self, u8):
+        calls = []
+
+        def __call__(self, u8, progress=None):
+            Flat.calls.append(len(u8))
             return np.asarray(u8).reshape(len(u8), -1).astype(np.float32)
 
     monkeypatch.setattr(inception, "InceptionFeatureExtractor", Flat)
@@ -157,9 +160,14 @@ def test_eval_report_kid_and_label_accuracy_on_the_tiny_config(tmp_path, monkeyp
     config.eval.label_classifier_epochs = 1
     config.eval.kid_num_subsets = 5
     train = experiment.load_training_data(config)
-    r = report.compute_kid(config, train.images[:20], str(tmp_path))
+    config.eval.fid_reference_images = config.eval.kid_reference_images = len(train.images)
+    extractor = report.feature_extractor(config)
+    r = report.compute_kid(config, train.images[:20], str(tmp_path), extractor)
     assert (r["num_samples"], r["num_reference"], r["num_subsets"]) == (20, len(train.images), 5)
     assert list((tmp_path / "fid_stats").glob("kid_features_synthetic_train_n*.npz"))
+    # FID after KID on the same samples and the same reference images: no image is featurised twice.
+    assert np.isfinite(report.compute_fid(config, train.images[:20], str(tmp_path), extractor))
+    assert sorted(Flat.calls) == sorted([20, len(train.images)])
     # The label classifier: trained on the run's (synthetic) train set, cached inside the run.
     from dpdm_jax.evaluation import label_accuracy
 

@@ -172,6 +172,25 @@ def images_digest(images: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+class MemoisedExtractor:
+    """Wraps a feature extractor so that the same images (by `images_digest`) are run through it once.
+
+    `--mode=eval` with FID and KID reads the samples twice, and the first N training images twice
+    when fid_reference_images == kid_reference_images: this halves its Inception time.
+    """
+
+    def __init__(self, extractor: Callable):
+        self.extractor = extractor
+        self._features: dict[str, np.ndarray] = {}
+
+    def __call__(self, images, progress: Optional[Callable[[int, int], None]] = None, **kw) -> np.ndarray:
+        images = np.asarray(images)
+        key = images_digest(images)
+        if key not in self._features:
+            self._features[key] = self.extractor(images, progress=progress, **kw)
+        return self._features[key]
+
+
 def stats_path(dataset: str, split: str, cache_dir: Optional[str] = None,
                num_images: Optional[int] = None, digest: Optional[str] = None) -> str:
     """The cache file of the statistics of `num_images` images whose `images_digest` is `digest`."""
