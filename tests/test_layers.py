@@ -1,7 +1,7 @@
 """The package's architecture, checked: three layers, imports only downward, no cycles.
 
     app        dpdm_jax.main and one module per mode (train, sample, evaluate, export)
-    builders   dpdm_jax.experiment: config -> explicit objects, once
+    builders   dpdm_jax.experiment, dpdm_jax.config_check: config -> checked, explicit objects, once
     libraries  dp, diffusion, models, data, evaluation, audit, checkpoint, metrics
 
 Libraries never import the app or the builders, and never read a ConfigDict or os.environ:
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dpdm_jax")
 APP = {"dpdm_jax.main", "dpdm_jax.train", "dpdm_jax.sample", "dpdm_jax.evaluate", "dpdm_jax.export"}
-BUILDERS = {"dpdm_jax.experiment"}
+BUILDERS = {"dpdm_jax.experiment", "dpdm_jax.config_check"}
 
 
 def _modules() -> dict[str, str]:
