@@ -13,6 +13,7 @@ T * SNR^2 that a run of T steps accumulates, compare (batch size, steps, K) sett
 epsilon without training each one.
 
     python benchmarks/dp_signal.py --workdir runs/quickstart --ks 1 4 --examples 512
+    python benchmarks/dp_signal.py --workdir runs/nf8 --set model.nf=8 --ks 1   # a run with overrides
 
 Uses the checkpoint's parameters (not EMA) at the latest step, or the initial parameters with
 --init. The numbers are statistics of private data (outside any guarantee); they inform settings.
@@ -21,6 +22,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -95,9 +97,18 @@ def main():
     p.add_argument("--settings", default="256:1.25,512:1.25,1024:1.25,1024:2.5,2048:5",
                    help="batch:epochs pairs to project (noise calibrated at --epsilon)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides of the run, e.g. model.nf=8 (VALUE as a Python literal)")
     args = p.parse_args()
 
     config = quickstart.get_config()
+    for item in args.set:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = ast.literal_eval(value)
     config.data.fetch = True
     data = experiment.load_training_data(config)
     model = experiment.build_model(config)
