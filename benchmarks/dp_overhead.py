@@ -56,7 +56,7 @@ def setup(cfg):
     from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
     from dpdm_jax.dp import DPSGDStep, data_mesh
     from dpdm_jax.dp.clipping import ClipStats
-    from dpdm_jax.dp.sharding import put_batch, replicated, sharded_clipped_grad_sum
+    from dpdm_jax.dp.sharding import replicated, sharded_clipped_grad_sum
     from dpdm_jax.dp.step import step_keys
     from dpdm_jax.models import ddpmpp_for, init_shapes
 

@@ -1,11 +1,9 @@
 """Tests for dpdm_jax.data: every format on small files written here in the dataset's own format,
 clear errors on broken input, the source chain, the pixel <-> model-range map, synthetic data."""
-import gzip
 import hashlib
 import io
 import os
 import pickle
-import struct
 import tarfile
 import time
 

@@ -11,7 +11,6 @@ here they are driven through a training run.
 """
 import math
 import os
-import struct
 import subprocess
 import sys
 

@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 
-from configs import test_tiny
 from dpdm_jax import experiment, train
 from dpdm_jax.checkpoint import Checkpointer
 from dpdm_jax.dp import DPPlan, run_keys

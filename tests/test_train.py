@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from configs import test_tiny
 from dpdm_jax import train
 from dpdm_jax.checkpoint import Checkpointer
 from helpers import assert_trees_equal, tiny_config
