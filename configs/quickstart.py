@@ -1,8 +1,8 @@
 """Quickstart: a small class-conditional DPDM on real MNIST at epsilon = 10 on a 2-core CPU.
 
 Not the paper's recipe (configs/mnist.py): a smaller network (nf=16, three levels, no attention,
-308,721 parameters), K = 1, an expected batch of 256 and 1.25 epochs
-(T = 294 steps), so that it trains in about 13 minutes on 2 CPU cores. The privacy accounting is
+308,721 parameters), v-prediction, K = 1, an expected batch of 256 and 1.25 epochs
+(T = 294 steps), so that it trains in 13-18 minutes on 2 CPU cores. The privacy accounting is
 real: sigma is calibrated for these q and T and the printed epsilon is what the steps spent.
 
 What it achieves (grid, timings, eval numbers) is in docs/quickstart.md. Override any field,
@@ -18,6 +18,11 @@ def get_config(preset: str = ""):
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = ()
     config.diffusion.noise_multiplicity = 1
+    # v-prediction (the paper's choice at epsilon = 0.2) instead of eps10's EDM: at this compute it
+    # learned class-correct digits (label accuracy 89.5 % at step 294) where EDM stayed at 24 %
+    # (docs/fidelity.md, parameterisation). Its training noise levels sit at sigma > 1 half of the
+    # time (EDM: 16 %), where a digit's class and shape are decided.
+    config.diffusion.parameterisation = "v"
     # At epsilon = 10 sigma grows slowly with q, so a larger batch mostly just divides the noise.
     config.dp.batch_size = 256  # q = 1/235
     config.dp.epochs = 1.25  # T = 294 steps
