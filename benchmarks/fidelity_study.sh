@@ -8,7 +8,7 @@
 #
 # Runs: dp10 dp1 np (privacy cost, EDM), k2 k4 (noise multiplicity, epsilon 10, equal steps, EDM),
 # v vp ve (parameterisation; dp10 is EDM), v1 v_np v_k4 (the v-prediction quickstart at epsilon 1,
-# without privacy, with K = 4), fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller
+# without privacy, with K = 4), edm_hi (EDM with v-prediction's share of high noise levels), fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller
 # network for twice the steps: about dp10's wall time), guidance
 # (classifier-free guidance weight 0 / 3 / 6 on dp10's checkpoint; the runs use 1), samplers
 # (DDIM / stochastic DDIM / EDM Heun without and with churn (gamma 0.1, as the paper's s_churn 100 at 1000 steps) on dp10's checkpoint: sampling only, free for privacy).
@@ -40,6 +40,9 @@ declare -A OVERRIDES=(
   [v1]="--config.dp.epsilon=1"
   [v_np]="--config.dp.enabled=False"
   [v_k4]="--config.diffusion.noise_multiplicity=4"
+  # EDM with its training noise moved up so that sigma > 1 for half of the draws, as v-prediction's:
+  # the direct test of why v-prediction beats EDM at this compute (docs/fidelity.md, session 5).
+  [edm_hi]="$EDM --config.diffusion.edm_p_mean=0"
 )
 ORDER=(dp10 np dp1 guidance samplers k2 k4 v vp ve fmnist10 fmnist_np)
 

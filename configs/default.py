@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.parameterisation = "edm"  # vp | ve | v | edm
     diffusion.noise_multiplicity = 32  # K draws averaged per example before clipping
     diffusion.label_dropout = 0.1
+    # EDM only: training noise levels ln(sigma) ~ N(edm_p_mean, edm_p_std^2) (Karras et al.'s P_mean, P_std).
+    diffusion.edm_p_mean = -1.2
+    diffusion.edm_p_std = 1.2
 
     config.dp = dp = ml_collections.ConfigDict()
     # False: the non-private baseline (no clipping, no noise); every output then says NO PRIVACY.

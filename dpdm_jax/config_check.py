@@ -113,6 +113,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("diffusion.parameterisation", config.diffusion.parameterisation, PARAMETERISATIONS)
     _int("diffusion.noise_multiplicity K", config.diffusion.noise_multiplicity, 1)
     _real("diffusion.label_dropout", config.diffusion.label_dropout, 0, 1, hi_open=True)
+    _real("diffusion.edm_p_mean", config.diffusion.edm_p_mean)
+    _real("diffusion.edm_p_std", config.diffusion.edm_p_std, 0, lo_open=True)
 
     dp = config.dp
     _real("dp.epsilon", dp.epsilon, 0, lo_open=True)

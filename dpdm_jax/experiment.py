@@ -149,10 +149,18 @@ def model_apply_fn(model: DDPMpp) -> _ModelApply:
     return _ModelApply(model)
 
 
+def make_parameterisation(config: ml_collections.ConfigDict):
+    """The config's diffusion parameterisation; EDM with the config's training noise law."""
+    d = config.diffusion
+    if d.parameterisation == "edm":
+        return get_parameterisation("edm", p_mean=float(d.edm_p_mean), p_std=float(d.edm_p_std))
+    return get_parameterisation(d.parameterisation)
+
+
 def per_example_loss(config: ml_collections.ConfigDict, model: DDPMpp):
     return make_per_example_loss(
         model_apply_fn(model),
-        get_parameterisation(config.diffusion.parameterisation),
+        make_parameterisation(config),
         config.diffusion.noise_multiplicity,
         image_spec(config).num_classes,
         config.diffusion.label_dropout,
@@ -217,7 +225,7 @@ def image_sampling(config: ml_collections.ConfigDict) -> ImageSampling:
     spec = image_spec(config)
     name, options = sampler_options(config.sampling)
     s = config.sampling
-    return ImageSampling(spec=spec, parameterisation=get_parameterisation(config.diffusion.parameterisation),
+    return ImageSampling(spec=spec, parameterisation=make_parameterisation(config),
                          sampler=name, options=options, batch_size=int(s.batch_size),
                          guidance_weight=float(s.guidance_weight) if spec.num_classes is not None else 0.0,
                          labels=s.labels)

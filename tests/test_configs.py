@@ -111,7 +111,8 @@ def test_each_parameterisation_trains_without_nan(tmp_path, parameterisation):
      ("dp.clip_norm", 0.0, "clip_norm"), ("diffusion.noise_multiplicity", 0, "noise_multiplicity"),
      ("diffusion.parameterisation", "ddpm", "parameterisation"), ("sampling.sampler", "euler", "sampler"),
      ("training.chunk_size", 6, "multiple of the device count"), ("data.name", "svhn", "Unknown dataset"),
-     ("model.dropout", 0.1, "dropout"), ("diffusion.label_dropout", 1.0, "label_dropout")],
+     ("model.dropout", 0.1, "dropout"), ("diffusion.label_dropout", 1.0, "label_dropout"),
+     ("diffusion.edm_p_std", 0.0, "edm_p_std")],
 )
 def test_bad_configs_fail_before_compute(tmp_path, key, value, match):
     config = test_tiny.get_config()
@@ -120,3 +121,20 @@ def test_bad_configs_fail_before_compute(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
         train.train(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
+def test_edm_training_noise_law_comes_from_the_config():
+    import jax
+
+    config = test_tiny.get_config()
+    config.diffusion.parameterisation = "edm"
+    default = experiment.make_parameterisation(config)
+    assert (default.p_mean, default.p_std) == (-1.2, 1.2)  # Karras et al.'s law, DPDM's default
+    config.diffusion.edm_p_mean, config.diffusion.edm_p_std = 0.5, 0.25
+    p = experiment.make_parameterisation(config)
+    assert (p.p_mean, p.p_std) == (0.5, 0.25)
+    assert experiment.image_sampling(config).parameterisation == p
+    log_sigma = np.log(np.asarray(p.sample_sigma(jax.random.key(0), (4096,))))
+    assert abs(log_sigma.mean() - 0.5) < 0.02 and abs(log_sigma.std() - 0.25) < 0.02
+    config.diffusion.parameterisation = "v"  # the EDM fields do not touch other parameterisations
+    assert experiment.make_parameterisation(config).name == "v"
