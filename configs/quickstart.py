@@ -21,7 +21,8 @@ def get_config(preset: str = ""):
     # v-prediction (the paper's choice at epsilon = 0.2) instead of eps10's EDM: at this compute it
     # learned class-correct digits (label accuracy 89.5 % at step 294) where EDM stayed at 24 %
     # (docs/fidelity.md, parameterisation). Its training noise levels sit at sigma > 1 half of the
-    # time (EDM: 16 %), where a digit's class and shape are decided.
+    # time (EDM: 16 %), where a digit's class and shape are decided; EDM with the same share
+    # (--config.diffusion.edm_p_mean=0) measured as good or better in one run.
     config.diffusion.parameterisation = "v"
     # At epsilon = 10 sigma grows slowly with q, so a larger batch mostly just divides the noise.
     config.dp.batch_size = 256  # q = 1/235
