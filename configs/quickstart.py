@@ -22,7 +22,7 @@ def get_config(preset: str = ""):
     # learned class-correct digits (label accuracy 89.5 % at step 294) where EDM stayed at 24 %
     # (docs/fidelity.md, parameterisation). Its training noise levels sit at sigma > 1 half of the
     # time (EDM: 16 %), where a digit's class and shape are decided; EDM with the same share
-    # (--config.diffusion.edm_p_mean=0) measured as good or better in one run.
+    # (--config.diffusion.edm_p_mean=0) measured better in one run (95.0 % label, 77.0 % downstream).
     config.diffusion.parameterisation = "v"
     # At epsilon = 10 sigma grows slowly with q, so a larger batch mostly just divides the noise.
     config.dp.batch_size = 256  # q = 1/235
