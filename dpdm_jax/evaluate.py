@@ -131,10 +131,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
            if ledger.private else {}),
         "outside_dp_guarantee": OUTSIDE_DP,
     }
-    extractor = feature_extractor(config) if config.eval.fid or config.eval.kid else None
+    shared = []  # the Inception extractor, built on first use inside the try blocks (no weights: skipped)
+
+    def extractor():
+        if not shared:
+            shared.append(feature_extractor(config))
+        return shared[0]
+
     if config.eval.fid:
         try:
-            report["fid"] = compute_fid(config, images, workdir, extractor)
+            report["fid"] = compute_fid(config, images, workdir, extractor())
         except FileNotFoundError as e:  # no converted Inception weights on this machine
             report["fid"] = None
             report["fid_error"] = str(e)
@@ -144,7 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report["fid_skipped"] = "eval.fid=False"
     if config.eval.kid:
         try:
-            report["kid"] = compute_kid(config, images, workdir, extractor)
+            report["kid"] = compute_kid(config, images, workdir, extractor())
         except FileNotFoundError as e:
             report["kid"] = None
             report["kid_error"] = str(e)
