@@ -8,8 +8,9 @@
 #
 # Runs: dp10 dp1 np (privacy cost, EDM), k2 k4 (noise multiplicity, epsilon 10, equal steps, EDM),
 # v vp ve (parameterisation; dp10 is EDM), v1 v_np v_k4 (the v-prediction quickstart at epsilon 1,
-# without privacy, with K = 4), edm_hi (EDM with v-prediction's share of high noise levels), fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller
-# network for twice the steps: about dp10's wall time), guidance
+# without privacy, with K = 4), edm_hi (EDM with v-prediction's share of high noise levels),
+# fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller network for twice the steps: about dp10's
+# wall time), guidance
 # (classifier-free guidance weight 0 / 3 / 6 on dp10's checkpoint; the runs use 1), samplers
 # (DDIM / stochastic DDIM / EDM Heun without and with churn (gamma 0.1, as the paper's s_churn 100 at 1000 steps) on dp10's checkpoint: sampling only, free for privacy).
 # Each run writes ROOT/NAME/{train.log, metrics.jsonl, samples/grid_step*.png, eval/*.json}

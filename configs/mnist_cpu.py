@@ -11,7 +11,8 @@ varied samples than weight 3, and so better downstream accuracy at a small cost 
 It inherits v-prediction from the quickstart. Measured 2026-12-02 on a 2-core AMD EPYC
 (docs/fidelity.md, session 5): 62 min of training, then on 1000 samples with guidance 1 label
 accuracy 96.4 % and downstream CNN 82.6 % on the real MNIST test set (guidance 3: 99.1 % and 77.9 %,
-FID 88.5 vs 2000 training images); the guidance-3 grid reads 0-9 in every row. With EDM (session 4) the same preset gave 51.8 % / 65.8 % / FID 100.1.
+FID 88.5 vs 2000 training images); the guidance-3 grid reads 0-9 in every row. With EDM
+(session 4) the same preset gave 51.8 % / 65.8 % / FID 100.1.
 Issue 12's targets: label accuracy >= 90 % met; downstream CNN >= 90 % NOT met.
 
     python -m dpdm_jax.main --config=configs/mnist_cpu.py --workdir=runs/mnist_cpu

@@ -6,6 +6,7 @@ reported model/epoch on private data would also be outside it).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -131,12 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
            if ledger.private else {}),
         "outside_dp_guarantee": OUTSIDE_DP,
     }
-    shared = []  # the Inception extractor, built on first use inside the try blocks (no weights: skipped)
-
-    def extractor():
-        if not shared:
-            shared.append(feature_extractor(config))
-        return shared[0]
+    # Built on first use, inside the try blocks below: missing weights skip FID/KID instead of failing.
+    extractor = functools.cache(lambda: feature_extractor(config))
 
     if config.eval.fid:
         try:

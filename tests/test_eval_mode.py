@@ -57,3 +57,16 @@ def test_eval_without_inception_reports_label_accuracy_and_classifiers(tmp_path)
     assert acc["num_samples"] == 12 and acc["per_class_counts"] == [4, 4, 4]
     assert 0.0 <= acc["overall"] <= 1.0
     assert 0.0 <= saved["classifiers"]["logreg"]["test_acc"] <= 1.0
+
+
+def test_missing_inception_weights_skip_fid_and_kid_not_the_eval(tmp_path):
+    """eval.fid / eval.kid on but no converted weights: both reported as skipped with the reason."""
+    config = trained_tiny_run(str(tmp_path), 12, ("logreg",), classifier_epochs=1, label_classifier_epochs=1,
+                              inception_weights="/nonexistent/inception.npz")
+    assert config.eval.fid and config.eval.kid
+    report.run(config, str(tmp_path))
+    saved = json.load(open(tmp_path / "eval" / "report_step2.json"))
+    assert saved["fid"] is None and "/nonexistent/inception.npz" in saved["fid_error"]
+    assert saved["kid"] is None and "/nonexistent/inception.npz" in saved["kid_error"]
+    assert 0.0 <= saved["label_accuracy"]["overall"] <= 1.0
+    assert 0.0 <= saved["classifiers"]["logreg"]["test_acc"] <= 1.0
