@@ -311,8 +311,12 @@ def test_corrupt_checkpoints_are_skipped_and_replayed(reference, tmp_path, templ
     shutil.copytree(reference(steps).wait(), workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     assert Checkpointer(ckpt_dir).all_steps() == [2, 3, 4]
-    flip_byte(largest_file(array_data(ckpt_dir, 4)))  # orbax alone would restore a wrong number
-    truncate(largest_file(array_data(ckpt_dir, 3)))
+    # Bit flips all through the newest checkpoint's data: one flip at a fixed offset may land in bytes
+    # that a restore never reads (4 of 31 random offsets in one ocdbt data file restored the exact
+    # saved state), which made this test flaky; single flips are pinned by the digest test below.
+    corrupt_everywhere(array_data(ckpt_dir, 4))
+    for name in os.listdir(array_data(ckpt_dir, 3)):
+        truncate(os.path.join(array_data(ckpt_dir, 3), name))
     for step in (3, 4):
         with pytest.raises(Exception):
             Checkpointer(ckpt_dir).restore(step, template)
