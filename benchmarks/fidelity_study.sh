@@ -11,8 +11,10 @@
 # without privacy, with K = 4), edm_hi (EDM with v-prediction's share of high noise levels),
 # fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller network for twice the steps: about dp10's
 # wall time), guidance
-# (classifier-free guidance weight 0 / 3 / 6 on dp10's checkpoint; the runs use 1), samplers
-# (DDIM / stochastic DDIM / EDM Heun without and with churn (gamma 0.1, as the paper's s_churn 100 at 1000 steps) on dp10's checkpoint: sampling only, free for privacy).
+# (classifier-free guidance weight 0 / 3 / 6 on $SOURCE's checkpoint, default dp10), samplers
+# (DDIM / stochastic DDIM / EDM Heun without and with churn (gamma 0.1, as the paper's s_churn 100
+# at 1000 steps) on $SOURCE's checkpoint: sampling only, free for privacy).
+#   SOURCE=v1 bash benchmarks/fidelity_study.sh samplers     (after the v1 run)
 # Each run writes ROOT/NAME/{train.log, metrics.jsonl, samples/grid_step*.png, eval/*.json}
 # and appends {name, phase, wall_s} to ROOT/wall.jsonl. Seeds are secret (the default), so
 # repeated runs differ; label accuracy from 100-500 samples has a standard error of 2-5 points.
@@ -21,6 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=${ROOT:-runs/fidelity}
 EVAL_SAMPLES=${EVAL_SAMPLES:-500}
 FID=${FID:-0}  # 1: also FID and KID (Inception features: about 7 images/s on 2 cores)
+SOURCE=${SOURCE:-dp10}  # the trained run that `guidance` and `samplers` sample from
 mkdir -p "$ROOT"
 
 # The quickstart samples with v-prediction since 2026-12-02; the runs recorded before that with EDM
@@ -68,15 +71,15 @@ evaluate() {  # evaluate NAME TAG [overrides...]: --mode=eval, report copied to 
 }
 
 for name in "${@:-${ORDER[@]}}"; do
-  if [ "$name" = guidance ]; then  # classifier-free guidance weight on dp10 (sampling only)
-    [ -e "$ROOT/dp10/eval/ddim.json" ] || evaluate dp10 ddim
-    for w in 0 3 6; do evaluate dp10 "ddim_w$w" --config.sampling.guidance_weight=$w; done
+  if [ "$name" = guidance ]; then  # classifier-free guidance weight on $SOURCE (sampling only)
+    [ -e "$ROOT/$SOURCE/eval/ddim.json" ] || evaluate "$SOURCE" ddim
+    for w in 0 3 6; do evaluate "$SOURCE" "ddim_w$w" --config.sampling.guidance_weight=$w; done
     continue
   fi
-  if [ "$name" = samplers ]; then  # one trained model (dp10), three samplers
-    evaluate dp10 ddim_stochastic --config.sampling.sampler=ddim_stochastic
-    evaluate dp10 edm_heun --config.sampling.sampler=edm --config.sampling.num_steps=25
-    evaluate dp10 edm_churn --config.sampling.sampler=edm --config.sampling.s_churn=2.5 \
+  if [ "$name" = samplers ]; then  # one trained model ($SOURCE), three samplers
+    evaluate "$SOURCE" ddim_stochastic --config.sampling.sampler=ddim_stochastic
+    evaluate "$SOURCE" edm_heun --config.sampling.sampler=edm --config.sampling.num_steps=25
+    evaluate "$SOURCE" edm_churn --config.sampling.sampler=edm --config.sampling.s_churn=2.5 \
       --config.sampling.num_steps=25
     continue
   fi
