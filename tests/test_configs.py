@@ -2,12 +2,16 @@
 import importlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import test_tiny
 from dpdm_jax import experiment, train
+from dpdm_jax.config_check import validate_config
 
 SHIPPED = [
     ("mnist", "eps0.2"), ("mnist", "eps1"), ("mnist", "eps10"),
@@ -138,3 +142,32 @@ def test_edm_training_noise_law_comes_from_the_config():
     assert abs(log_sigma.mean() - 0.5) < 0.02 and abs(log_sigma.std() - 0.25) < 0.02
     config.diffusion.parameterisation = "v"  # the EDM fields do not touch other parameterisations
     assert experiment.make_parameterisation(config).name == "v"
+
+
+def fidelity_study_overrides():
+    """{run name: its override flags} as benchmarks/fidelity_study.sh declares them ($EDM expanded)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "fidelity_study.sh")
+    with open(path) as f:
+        text = f.read()
+    edm = re.search(r'^EDM="([^"]*)"$', text, re.MULTILINE).group(1)
+    runs = dict(re.findall(r'^\s+\[(\w+)\]="([^"]*)"$', text, re.MULTILINE))
+    return {name: flags.replace("$EDM", edm).split() for name, flags in runs.items()}
+
+
+def test_fidelity_study_runs_parse_and_validate():
+    """Every recorded command of docs/fidelity.md parses as main parses it and passes the config checks."""
+    runs = fidelity_study_overrides()
+    assert {"dp10", "v", "vp", "ve", "v1", "v_np", "v_fast", "edm_hi"} <= set(runs)
+    for name, overrides in runs.items():
+        argv = ["main", "--config=configs/quickstart.py", *overrides]
+        fv = flags.FlagValues()  # as main.py defines it; sys_argv: which overrides to define
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        config = fv.config
+        validate_config(config)
+        for flag in overrides:  # each override took effect (a misspelt key would have raised above)
+            key, value = flag.removeprefix("--config.").split("=", 1)
+            got = config
+            for part in key.split("."):
+                got = got[part]
+            assert str(got) == value or float(got) == float(value), (name, flag, got)
