@@ -7,8 +7,8 @@
 #   ROOT=runs/fidelity EVAL_SAMPLES=1000 FID=1 bash benchmarks/fidelity_study.sh dp10 np
 #
 # Runs: dp10 dp1 np (privacy cost, EDM), k2 k4 (noise multiplicity, epsilon 10, equal steps, EDM),
-# v vp ve (parameterisation; dp10 is EDM), v1 v_np v_k4 v_fast v_fast_k4 (the v-prediction quickstart at epsilon 1,
-# without privacy, with K = 4, in 200 steps, in 200 steps with K = 4), edm_hi (EDM with v-prediction's share of high noise levels),
+# v vp ve (parameterisation; dp10 is EDM), v1 v_np v_k4 v_fast (the v-prediction quickstart at epsilon 1,
+# without privacy, with K = 4, in 200 steps), v100 v100_k4 (100 steps with K = 1 / K = 4), edm_hi (EDM with v-prediction's share of high noise levels),
 # fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller network for twice the steps: about dp10's
 # wall time), guidance
 # (classifier-free guidance weight 0 / 3 / 6 on $SOURCE's checkpoint, default dp10), samplers
@@ -47,9 +47,10 @@ declare -A OVERRIDES=(
   # The quickstart cut to 200 steps at the same epsilon (more noise per step): does it keep its
   # label accuracy (86 % at step 196 of 294 in the v run) inside 15 minutes on 2 cores?
   [v_fast]="--config.dp.epochs=0.85"
-  # Noise multiplicity at equal epsilon and equal steps (the paper's Table 3, here at epsilon 10):
-  # v_fast with K = 4 draws per example (4x the rows: about an hour on 2 cores).
-  [v_fast_k4]="--config.dp.epochs=0.85 --config.diffusion.noise_multiplicity=4"
+  # Noise multiplicity at equal epsilon and equal steps (the paper's Table 3, here at epsilon 10),
+  # sized for one session: 100 steps with K = 1 and with K = 4 draws per example (4x the rows).
+  [v100]="--config.dp.epochs=0.425"
+  [v100_k4]="--config.dp.epochs=0.425 --config.diffusion.noise_multiplicity=4"
   # EDM with its training noise moved up so that sigma > 1 for half of the draws, as v-prediction's:
   # the direct test of why v-prediction beats EDM at this compute (docs/fidelity.md, session 5).
   [edm_hi]="$EDM --config.diffusion.edm_p_mean=0"

@@ -157,7 +157,7 @@ def fidelity_study_overrides():
 def test_fidelity_study_runs_parse_and_validate():
     """Every recorded command of docs/fidelity.md parses as main parses it and passes the config checks."""
     runs = fidelity_study_overrides()
-    assert {"dp10", "v", "vp", "ve", "v1", "v_np", "v_fast", "edm_hi"} <= set(runs)
+    assert {"dp10", "v", "vp", "ve", "v1", "v_np", "v_fast", "v100", "v100_k4", "edm_hi"} <= set(runs)
     for name, overrides in runs.items():
         argv = ["main", "--config=configs/quickstart.py", *overrides]
         fv = flags.FlagValues()  # as main.py defines it; sys_argv: which overrides to define
