@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side studies of docs/fidelity.md at CPU scale: each run is the quickstart
-# (configs/quickstart.py: 308k-parameter DDPM++, expected batch 256, 294 steps) with one change,
+# (configs/quickstart.py:v294, the quickstart as measured in sessions 5-6: 308k-parameter DDPM++,
+# v-prediction, expected batch 256, 294 steps, guidance 3) with one change,
 # trained on real MNIST / Fashion-MNIST, then scored by --mode=eval.
 #
 #   bash benchmarks/fidelity_study.sh [RUN ...]      (default: every run, one after another)
@@ -24,11 +25,13 @@ cd "$(dirname "$0")/.."
 ROOT=${ROOT:-runs/fidelity}
 EVAL_SAMPLES=${EVAL_SAMPLES:-500}
 FID=${FID:-0}  # 1: also FID and KID (Inception features: about 7 images/s on 2 cores)
+CONFIG=configs/quickstart.py:v294  # every run below is an override of this preset, as recorded
 SOURCE=${SOURCE:-dp10}  # the trained run that `guidance` and `samplers` sample from
 mkdir -p "$ROOT"
 
-# The quickstart samples with v-prediction since 2026-12-02; the runs recorded before that with EDM
-# keep EDM explicitly ($EDM), so each command still reproduces what docs/fidelity.md reports.
+# The v294 preset samples with v-prediction; the runs recorded before 2026-12-02 with EDM keep EDM
+# explicitly ($EDM), so each command still reproduces what docs/fidelity.md reports. edm_hi_fast is
+# the quickstart since 2026-12-03 (configs/quickstart.py without a preset, trained with guidance 3).
 EDM="--config.diffusion.parameterisation=edm"
 declare -A OVERRIDES=(
   [dp10]="$EDM"
@@ -72,7 +75,7 @@ evaluate() {  # evaluate NAME TAG [overrides...]: --mode=eval, report copied to 
   shift 2
   local fid=False
   [ "$FID" = 1 ] && fid=True
-  timed "$name" "eval_$tag" python -m dpdm_jax.main --config=configs/quickstart.py --workdir="$ROOT/$name" \
+  timed "$name" "eval_$tag" python -m dpdm_jax.main --config="$CONFIG" --workdir="$ROOT/$name" \
     --mode=eval ${OVERRIDES[$name]:-} --config.eval.num_samples="$EVAL_SAMPLES" \
     --config.eval.classifiers="('cnn',)" --config.eval.fid=$fid --config.eval.kid=$fid "$@" >> "$ROOT/$name/eval.log" 2>&1
   local report
@@ -96,7 +99,7 @@ for name in "${@:-${ORDER[@]}}"; do
   [ -n "${OVERRIDES[$name]+x}" ] || { echo "unknown run $name" >&2; exit 2; }
   mkdir -p "$ROOT/$name"
   # shellcheck disable=SC2086
-  timed "$name" train python -m dpdm_jax.main --config=configs/quickstart.py --workdir="$ROOT/$name" \
+  timed "$name" train python -m dpdm_jax.main --config="$CONFIG" --workdir="$ROOT/$name" \
     ${OVERRIDES[$name]} --config.training.label_accuracy_every=98 > "$ROOT/$name/train.log" 2>&1
   evaluate "$name" ddim
 done

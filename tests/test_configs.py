@@ -17,7 +17,7 @@ SHIPPED = [
     ("mnist", "eps0.2"), ("mnist", "eps1"), ("mnist", "eps10"),
     ("fashion_mnist", "eps0.2"), ("fashion_mnist", "eps1"), ("fashion_mnist", "eps10"),
     ("cifar10", "eps10"), ("celeba32", "eps1"), ("celeba32", "eps10"), ("celeba64", "eps10"),
-    ("imagenet32", "eps10"), ("quickstart", ""), ("mnist_cpu", ""),
+    ("imagenet32", "eps10"), ("quickstart", ""), ("quickstart", "v294"), ("mnist_cpu", ""),
 ]
 CPU_PRESETS = ("quickstart", "mnist_cpu")  # deliberately not the paper's network or recipe
 
@@ -144,26 +144,44 @@ def test_edm_training_noise_law_comes_from_the_config():
     assert experiment.make_parameterisation(config).name == "v"
 
 
-def fidelity_study_overrides():
-    """{run name: its override flags} as benchmarks/fidelity_study.sh declares them ($EDM expanded)."""
+def fidelity_study_runs():
+    """(base config, {run name: its override flags}) as benchmarks/fidelity_study.sh declares them."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "fidelity_study.sh")
     with open(path) as f:
         text = f.read()
+    base = re.search(r"^CONFIG=(\S+)", text, re.MULTILINE).group(1)
     edm = re.search(r'^EDM="([^"]*)"$', text, re.MULTILINE).group(1)
     runs = dict(re.findall(r'^\s+\[(\w+)\]="([^"]*)"$', text, re.MULTILINE))
-    return {name: flags.replace("$EDM", edm).split() for name, flags in runs.items()}
+    return base, {name: flags.replace("$EDM", edm).split() for name, flags in runs.items()}
+
+
+def parse(argv):
+    """The config main.py would run for this command line."""
+    fv = flags.FlagValues()  # as main.py defines it; sys_argv: which overrides to define
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_quickstart_is_the_measured_run():
+    """The shipped quickstart is the edm_hi_fast study run (docs/fidelity.md) sampled with guidance 2."""
+    base, runs = fidelity_study_runs()
+    measured = parse(["main", f"--config={base}", *runs["edm_hi_fast"]])
+    shipped = load("quickstart", "")
+    assert shipped.sampling.guidance_weight == 2.0 and measured.sampling.guidance_weight == 3.0
+    measured.sampling.guidance_weight = 2.0  # sampling only: free for privacy, chosen after training
+    assert shipped.to_dict() == measured.to_dict()
+    with pytest.raises(ValueError, match="Unknown quickstart preset"):
+        load("quickstart", "v2")
 
 
 def test_fidelity_study_runs_parse_and_validate():
     """Every recorded command of docs/fidelity.md parses as main parses it and passes the config checks."""
-    runs = fidelity_study_overrides()
-    assert {"dp10", "v", "vp", "ve", "v1", "v_np", "v_fast", "v100", "v100_k4", "edm_hi"} <= set(runs)
+    base, runs = fidelity_study_runs()
+    assert base == "configs/quickstart.py:v294"  # the recorded runs are overrides of the old quickstart
+    assert {"dp10", "v", "vp", "ve", "v1", "v_np", "v_fast", "v100", "v100_k4", "edm_hi", "edm_hi_fast"} <= set(runs)
     for name, overrides in runs.items():
-        argv = ["main", "--config=configs/quickstart.py", *overrides]
-        fv = flags.FlagValues()  # as main.py defines it; sys_argv: which overrides to define
-        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
-        fv(argv)
-        config = fv.config
+        config = parse(["main", f"--config={base}", *overrides])
         validate_config(config)
         for flag in overrides:  # each override took effect (a misspelt key would have raised above)
             key, value = flag.removeprefix("--config.").split("=", 1)
