@@ -89,7 +89,8 @@ def test_shipped_config_runs_a_step(tmp_path, name, preset):
         assert config.diffusion.noise_multiplicity == 32
     state = train.train(shrink(config), str(tmp_path))
     assert int(state.step) == 1
-    record = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        record = json.loads(f.readline())
     assert np.isfinite(record["loss"]) and record["nonfinite_fraction"] == 0
 
 
@@ -100,7 +101,8 @@ def test_each_parameterisation_trains_without_nan(tmp_path, parameterisation):
     config.training.max_steps = 3
     config.training.sample_every = 3
     state = train.train(config, str(tmp_path))
-    records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
     assert len(records) == 3
     assert all(np.isfinite(r["loss"]) and r["nonfinite_fraction"] == 0 for r in records)
     import jax
