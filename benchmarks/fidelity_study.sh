@@ -9,8 +9,9 @@
 #
 # Runs: dp10 dp1 np (privacy cost, EDM), k2 k4 (noise multiplicity, epsilon 10, equal steps, EDM),
 # v vp ve (parameterisation; dp10 is EDM), v1 v_np v_k4 v_fast (the v-prediction quickstart at epsilon 1,
-# without privacy, with K = 4, in 200 steps), v100 v100_k4 (100 steps with K = 1 / K = 4), edm_hi (EDM with v-prediction's share of high noise levels;
-# edm_hi_fast: the same in 200 steps),
+# without privacy, with K = 4, in 200 steps), v100 v100_k4 v100_k16 (100 steps with K = 1 / 4 / 16), edm_hi (EDM with v-prediction's share of high noise levels;
+# edm_hi_fast: the same in 200 steps), qs_eps1 qs_fmnist qs_fmnist_np (the shipped quickstart at
+# epsilon 1 and on Fashion-MNIST with and without privacy),
 # fmnist10 fmnist_np (Fashion-MNIST), nf8 (a 4x smaller network for twice the steps: about dp10's
 # wall time), guidance
 # (classifier-free guidance weight 0 / 3 / 6 on $SOURCE's checkpoint, default dp10), samplers
@@ -55,11 +56,17 @@ declare -A OVERRIDES=(
   # sized for one session: 100 steps with K = 1 and with K = 4 draws per example (4x the rows).
   [v100]="--config.dp.epochs=0.425"
   [v100_k4]="--config.dp.epochs=0.425 --config.diffusion.noise_multiplicity=4"
+  [v100_k16]="--config.dp.epochs=0.425 --config.diffusion.noise_multiplicity=16"
   # EDM with its training noise moved up so that sigma > 1 for half of the draws, as v-prediction's:
   # the direct test of why v-prediction beats EDM at this compute (docs/fidelity.md, session 5).
   [edm_hi]="$EDM --config.diffusion.edm_p_mean=0"
   # edm_hi cut to v_fast's 200 steps at the same epsilon: the best-measured recipe inside 15 minutes?
   [edm_hi_fast]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85"
+  # The shipped quickstart (edm_hi_fast sampled with guidance 2) at epsilon 1, and on Fashion-MNIST
+  # at epsilon 10 and without privacy (session 4's Fashion-MNIST runs used EDM's default noise law).
+  [qs_eps1]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.dp.epsilon=1"
+  [qs_fmnist]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.data.name=fashion_mnist"
+  [qs_fmnist_np]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.data.name=fashion_mnist --config.dp.enabled=False"
 )
 ORDER=(dp10 np dp1 guidance samplers k2 k4 v vp ve fmnist10 fmnist_np)
 
