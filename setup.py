@@ -44,6 +44,7 @@ setup(
     version="0.1.0",
     description="Differentially Private Diffusion Models (DPDM) in JAX/Flax",
     packages=find_packages(include=["dpdm_jax", "dpdm_jax.*"]),
+    package_data={"dpdm_jax.models": ["kernels/*.cc"]},  # conv_impl="onednn" builds it at first use
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -8,6 +8,7 @@ quickstart one (B=8 x K=1), times, interleaved (median of rounds, one process):
   wgrad_per_example   the weight gradient of each example's K rows under vmap (DP-SGD):
                       xla (vmap of lax.conv's: one grouped convolution) | split (layers.py
                       split_wgrad: one convolution per example) | im2col (batched patches^T @ g)
+  and, where models/onednn.py can build its kernels here, onednn in each pass (conv_impl="onednn").
 Prints one JSON line per shape (milliseconds; fwd_gflop from XLA's cost analysis).
 
     python benchmarks/conv_layers.py mnist        # or quickstart
@@ -24,7 +25,9 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpdm_jax.models import layers
+from dpdm_jax.models import layers, onednn
+
+ONEDNN = onednn.available()  # builds the kernels once (g++, libdnnl-dev); else the column is absent
 DIMS = ("NHWC", "HWIO", "NHWC")
 def xconv(x, w): return lax.conv_general_dilated(x, w, (1,1), "SAME", dimension_numbers=DIMS)
 def patches(x, k):
@@ -78,9 +81,15 @@ for (hw, cin, k, cout) in shapes:
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.1, jnp.float32)
     xf, gf = x.reshape(B*K, hw, hw, cin), g.reshape(B*K, hw, hw, cout)
     row = {"shape": [hw, cin, k, cout]}
-    t, f = bench({"xla": xconv, "im2col": im2col, "shift": shift9}, (xf, w)); row["fwd"] = t; row["fwd_gflop"] = f["xla"]/1e9
-    t, _ = bench({"xla": dgrad_xla, "im2col": dgrad_im2col, "shift": lambda g, w: shift9(g, flipT(w))}, (gf, w)); row["dgrad"] = t
+    pads = ((k // 2, k // 2),) * 2
+    dnn = lambda fns, form: fns | ({"onednn": form} if ONEDNN else {})
+    t, f = bench(dnn({"xla": xconv, "im2col": im2col, "shift": shift9}, lambda x, w: onednn.conv(x, w, pads)),
+                 (xf, w)); row["fwd"] = t; row["fwd_gflop"] = f["xla"]/1e9
+    t, _ = bench(dnn({"xla": dgrad_xla, "im2col": dgrad_im2col, "shift": lambda g, w: shift9(g, flipT(w))},
+                     lambda g, w: onednn.conv_input_grad(g, w, pads)), (gf, w)); row["dgrad"] = t
     wg = lambda fn: (lambda x, g: jax.vmap(lambda a, b: fn(a, b, k))(x, g))
-    t, _ = bench({"xla": wg(wgrad_xla), "split": wg(wgrad_split), "im2col": wg(wgrad_im2col)}, (x, g)); row["wgrad_per_example"] = t
+    wgrad_onednn = lambda x, g, k: onednn.conv_weight_grad(x, g, jnp.zeros((k, k, x.shape[-1], g.shape[-1])), pads)
+    t, _ = bench(dnn({"xla": wg(wgrad_xla), "split": wg(wgrad_split), "im2col": wg(wgrad_im2col)}, wg(wgrad_onednn)),
+                 (x, g)); row["wgrad_per_example"] = t
     res.append(row)
     print(json.dumps({k_: ({a: round(b*1e3, 3) for a, b in v.items()} if isinstance(v, dict) else v) for k_, v in row.items()}), flush=True)

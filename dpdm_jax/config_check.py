@@ -16,6 +16,7 @@ from dpdm_jax.data import SPECS, folder_class_names, inspect_npz, npz_target
 from dpdm_jax.diffusion import PARAMETERISATIONS, SAMPLERS, get_sampler, resolve_labels
 from dpdm_jax.dp import ACCOUNTANTS
 from dpdm_jax.evaluation.classifiers import KINDS as CLASSIFIER_KINDS
+from dpdm_jax.models import onednn
 from dpdm_jax.models.layers import CONV_IMPLS
 from dpdm_jax.validation import require_bool as _bool
 from dpdm_jax.validation import require_choice as _choice
@@ -109,6 +110,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if _real("model.dropout", m.dropout) != 0:
         raise ValueError("model.dropout must be 0 (DPDM trains without dropout)")
     _choice("model.conv_impl", m.conv_impl, CONV_IMPLS)
+    if m.conv_impl == "onednn":
+        _check_onednn()
 
     _choice("diffusion.parameterisation", config.diffusion.parameterisation, PARAMETERISATIONS)
     _int("diffusion.noise_multiplicity K", config.diffusion.noise_multiplicity, 1)
@@ -236,3 +239,15 @@ def _validate_user_data(d: ml_collections.ConfigDict) -> None:
     if _int("data.channels", d.channels) not in allowed:
         raise ValueError(f"data.channels must be one of {allowed} for data.name={d.name!r} "
                          f"(1: grayscale, 3: RGB, 0: as stored), got {d.channels}")
+
+
+def _check_onednn():
+    """conv_impl='onednn' needs the CPU backend and kernels that build here (g++, libdnnl-dev).
+
+    The kernels are built on the first call (seconds, once per machine), only when asked for."""
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"model.conv_impl='onednn' runs on the CPU backend only, not {jax.default_backend()!r}; "
+                         "use 'auto'")
+    reason = onednn.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"model.conv_impl='onednn' cannot run here: {reason}")

@@ -12,10 +12,16 @@ from jax import lax
 
 from dpdm_jax.diffusion import get_parameterisation, make_per_example_loss
 from dpdm_jax.dp import sharding
-from dpdm_jax.models import DDPMpp, count_params, init_shapes, layers
+from dpdm_jax.models import DDPMpp, count_params, init_shapes, layers, onednn
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 CUSTOM = [impl for impl in layers.CONV_IMPLS if impl not in ("auto", "xla")]
+
+
+def skip_if_unavailable(impl):
+    """conv_impl='onednn' needs g++ and libdnnl-dev (.ci/run installs them where it can)."""
+    if impl == "onednn" and not onednn.available():
+        pytest.skip(f"oneDNN kernels unavailable: {onednn.unavailable_reason()}")
 
 
 def ref_conv(x, w, padding="SAME"):
@@ -33,6 +39,7 @@ def _arrays(seed=0, b=3, n=5, hw=6, cin=4, cout=3, k=3):
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("group_rows", [1, 100])  # split_wgrad's row groups: 1 row, one group
 def test_values_gradients_and_per_example_gradients(monkeypatch, impl, kernel, group_rows):
+    skip_if_unavailable(impl)
     x, w = _arrays(k=kernel)
     monkeypatch.setattr(layers, "WGRAD_GROUP_BYTES", group_rows * 6 * 6 * 4 * 4)
     conv = layers.custom_conv_general_dilated(impl)
@@ -52,16 +59,47 @@ def test_values_gradients_and_per_example_gradients(monkeypatch, impl, kernel, g
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("impl", ["patches", "onednn"])
 @pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 0), (0, 1)), "VALID"])
-def test_patches_with_other_paddings(padding):
-    """The patches passes hold for any stride-1 padding, not only SAME."""
+def test_other_paddings(impl, padding):
+    """The patches and oneDNN passes hold for any stride-1 padding, not only SAME."""
+    skip_if_unavailable(impl)
     x, w = _arrays(k=3)
-    conv = layers.custom_conv_general_dilated("patches")
+    conv = layers.custom_conv_general_dilated(impl)
     ours = lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding)))
     ref = lambda w, x: jnp.sum(jnp.sin(ref_conv(x, w, padding)))
     np.testing.assert_allclose(conv(x[0], w, (1, 1), padding), ref_conv(x[0], w, padding), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.grad(ours, (0, 1))(w, x[0]), jax.grad(ref, (0, 1))(w, x[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_per_example_gradients_under_nested_vmap_and_shared_kernels():
+    """vmap over examples of vmap over K draws (rows fold into one call), and a kernel per example."""
+    skip_if_unavailable("onednn")
+    x, w = _arrays(b=2, n=3, k=3)  # (examples, draws, H, W, C)
+    conv = layers.custom_conv_general_dilated("onednn")
+    ours = lambda w, x: jnp.sum(jnp.sin(conv(x[None], w, (1, 1), "SAME")))
+    ref = lambda w, x: jnp.sum(jnp.sin(ref_conv(x[None], w)))
+    nested = lambda f: jax.jit(jax.vmap(jax.vmap(jax.grad(f, (0, 1)), in_axes=(None, 0)), in_axes=(None, 0)))
+    for a, b in zip(nested(ours)(w, x), nested(ref)(w, x)):
+        assert a.shape[:2] == (2, 3)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
+    ws = jnp.stack([w, 2 * w])  # a different kernel per mapped index: one call each
+    per_kernel = jax.jit(jax.vmap(lambda w, x: conv(x, w, (1, 1), "SAME")))(ws, x)
+    np.testing.assert_allclose(per_kernel, jax.vmap(ref_conv)(x, ws), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_unavailable_fails_before_compute_with_the_reason(monkeypatch):
+    from configs import test_tiny
+    from dpdm_jax import experiment
+
+    monkeypatch.setattr(onednn, "_load", lambda: "no libdnnl here")
+    config = test_tiny.get_config()
+    config.model.conv_impl = "onednn"
+    with pytest.raises(ValueError, match="model.conv_impl='onednn' cannot run here: no libdnnl here"):
+        experiment.validate_config(config)
+    with pytest.raises(onednn.OnednnUnavailable, match="no libdnnl here"):
+        init_shapes(DDPMpp(**TINY, conv_impl="onednn"))
 
 
 def test_rejects_what_it_does_not_implement():
@@ -107,6 +145,7 @@ def _clipped_sums(impl, num_devices):
 @pytest.mark.parametrize("impl", CUSTOM)
 def test_dp_clipped_sum_same_as_xla_and_sharded(impl):
     """Tiny DDPM++ through the engine: identical clipped sums and norms (each example's own gradient)."""
+    skip_if_unavailable(impl)
     (g_ref, s_ref) = _clipped_sums("xla", 1)
     (g, s) = _clipped_sums(impl, 2)
     assert float(s.num_examples) == 3

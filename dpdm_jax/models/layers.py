@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import custom_batching, lax
 
+from dpdm_jax.models import onednn
+
 # Xavier-uniform for ordinary layers; the same shape scaled to a std of ~1e-5 for layers
 # whose output should start near zero (last conv of each residual branch, attention output,
 # head), so every block starts close to a (scaled) identity map.
@@ -53,9 +55,12 @@ def group_norm(channels: int, name: str | None = None) -> nn.GroupNorm:
 #                    gradient patches(g) @ flip(W)^T, weight gradient as in patches_wgrad.
 #   "per_shape":     what measured fastest per layer shape on XLA:CPU: 1x1 convolutions as
 #                    "patches" (plain matrix products), the others as "split_wgrad".
+#   "onednn":        CPU only: oneDNN's kernels as XLA custom calls (models/onednn.py; needs g++
+#                    and libdnnl-dev): forward, input gradient, and one weight gradient per example
+#                    when vmapped.
 # "auto" resolves by backend when a module is traced (resolve_conv_impl). docs/benchmarks.md
 # has the per-layer and whole-step measurements behind the CPU choice.
-CONV_IMPLS = ("auto", "xla", "split_wgrad", "patches_wgrad", "patches", "per_shape")
+CONV_IMPLS = ("auto", "xla", "split_wgrad", "patches_wgrad", "patches", "per_shape", "onednn")
 AUTO_CONV_IMPL = {"cpu": "split_wgrad"}  # backend -> implementation; any other backend: "xla"
 # Rows per weight-gradient group (split_wgrad): as many as fit in this many bytes of input.
 WGRAD_GROUP_BYTES = 1 << 20
@@ -172,6 +177,15 @@ _PASSES = {
 }
 
 
+def _pads(padding, w, x):
+    return _explicit_padding(padding, w.shape[:2], x.shape[1:3])
+
+
+_PASSES["onednn"] = (lambda x, w, padding: onednn.conv(x, w, _pads(padding, w, x)),
+                     lambda g, w, padding, x: onednn.conv_input_grad(g, w, _pads(padding, w, x)),
+                     lambda x, g, w, padding: onednn.conv_weight_grad(x, g, w, _pads(padding, w, x)))
+
+
 def _per_shape(kernel_hw) -> str:
     return "patches" if tuple(kernel_hw) == (1, 1) else "split_wgrad"
 
@@ -218,6 +232,8 @@ def custom_conv_general_dilated(impl: str):
 
 def _conv_fn(impl: str):
     impl = resolve_conv_impl(impl)
+    if impl == "onednn":
+        onednn.require()  # builds the kernels once; one clear error before any compute if it cannot
     return None if impl == "xla" else custom_conv_general_dilated(impl)
 
 
