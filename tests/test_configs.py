@@ -175,6 +175,16 @@ def test_quickstart_is_the_measured_run():
     assert shipped.to_dict() == measured.to_dict()
     with pytest.raises(ValueError, match="Unknown quickstart preset"):
         load("quickstart", "v2")
+    # The qs_* studies are the shipped quickstart with one change each.
+    for name, (section, key, value) in {"qs_eps1": ("dp", "epsilon", 1.0),
+                                        "qs_fmnist": ("data", "name", "fashion_mnist"),
+                                        "qs_fmnist_np": ("dp", "enabled", False)}.items():
+        study = parse(["main", f"--config={base}", *runs[name]]).to_dict()
+        expected = load("quickstart", "").to_dict()
+        expected[section][key] = value
+        if name == "qs_fmnist_np":
+            expected["data"]["name"] = "fashion_mnist"
+        assert study == expected, name
 
 
 def test_fidelity_study_runs_parse_and_validate():
