@@ -110,7 +110,24 @@ def test_rejects_what_it_does_not_implement():
         layers.resolve_conv_impl("cudnn")
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         init_shapes(DDPMpp(**TINY, conv_impl="cudnn"))
-    assert layers.resolve_conv_impl("auto") == layers.AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
+    expected = layers.AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
+    if expected == "onednn" and (jax.local_device_count() > 1 or not onednn.available()):
+        expected = layers.AUTO_CPU_FALLBACK
+    assert layers.resolve_conv_impl("auto") == expected
+
+
+def test_auto_is_onednn_on_a_single_cpu_device_where_it_builds(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+    monkeypatch.setattr(onednn, "_load", lambda: None)
+    assert layers.resolve_conv_impl("auto") == "onednn"
+    monkeypatch.setattr(onednn, "_load", lambda: "no libdnnl here")  # falls back, never fails
+    assert layers.resolve_conv_impl("auto") == layers.AUTO_CPU_FALLBACK == "split_wgrad"
+    monkeypatch.setattr(onednn, "_load", lambda: None)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)  # fake devices share the cores
+    assert layers.resolve_conv_impl("auto") == "split_wgrad"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_conv_impl("auto") == "xla"
 
 
 def test_conv_impl_is_part_of_the_model_and_not_of_its_parameters():

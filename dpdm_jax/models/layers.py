@@ -57,11 +57,15 @@ def group_norm(channels: int, name: str | None = None) -> nn.GroupNorm:
 #                    "patches" (plain matrix products), the others as "split_wgrad".
 #   "onednn":        CPU only: oneDNN's kernels as XLA custom calls (models/onednn.py; needs g++
 #                    and libdnnl-dev): forward, input gradient, and one weight gradient per example
-#                    when vmapped.
+#                    when vmapped. Measured fastest on CPU in every pass and layer shape, and
+#                    20-57 % more rows/s for the whole step (docs/benchmarks.md section 11).
 # "auto" resolves by backend when a module is traced (resolve_conv_impl). docs/benchmarks.md
 # has the per-layer and whole-step measurements behind the CPU choice.
 CONV_IMPLS = ("auto", "xla", "split_wgrad", "patches_wgrad", "patches", "per_shape", "onednn")
-AUTO_CONV_IMPL = {"cpu": "split_wgrad"}  # backend -> implementation; any other backend: "xla"
+AUTO_CONV_IMPL = {"cpu": "onednn"}  # backend -> implementation; any other backend: "xla"
+# "auto" on CPU where the oneDNN kernels cannot be built, or where several CPU devices share one
+# process (fake devices in tests: each would start its own oneDNN thread team on the same cores).
+AUTO_CPU_FALLBACK = "split_wgrad"
 # Rows per weight-gradient group (split_wgrad): as many as fit in this many bytes of input.
 WGRAD_GROUP_BYTES = 1 << 20
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -76,9 +80,12 @@ def check_conv_impl(name: str) -> str:
 
 def resolve_conv_impl(name: str) -> str:
     """The implementation `name` stands for on the default backend ("auto" resolved)."""
-    if check_conv_impl(name) == "auto":
-        return AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
-    return name
+    if check_conv_impl(name) != "auto":
+        return name
+    impl = AUTO_CONV_IMPL.get(jax.default_backend(), "xla")
+    if impl == "onednn" and (jax.local_device_count() > 1 or not onednn.available()):
+        return AUTO_CPU_FALLBACK
+    return impl
 
 
 def _conv(x, w, padding):
