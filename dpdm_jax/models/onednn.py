@@ -35,6 +35,10 @@ _TARGETS = {  # FFI target name -> symbol in the shared library
 }
 
 
+# Per-example weight gradients: one example per thread (True) or each example over all threads.
+WEIGHT_GRAD_EXAMPLES_IN_PARALLEL = True
+
+
 class OnednnUnavailable(RuntimeError):
     """The oneDNN kernels could not be built or loaded on this machine (the message says why)."""
 
@@ -51,20 +55,20 @@ def _library_path(cache_dir: str | None = None) -> str:
     """Build (once per source, jaxlib and oneDNN location) and return the shared library's path."""
     with open(SOURCE, "rb") as f:
         source = f.read()
-    flags = _onednn_flags()
-    digest = hashlib.sha256(source + jax.__version__.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise OnednnUnavailable("no C++ compiler (g++) to build the oneDNN kernels")
+    args = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{jax.ffi.include_dir()}",
+            *_onednn_flags(), SOURCE, "-ldnnl"]
+    digest = hashlib.sha256(source + " ".join([compiler, jax.__version__, *args]).encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpdm_jax", "kernels")
     path = os.path.join(cache_dir, f"onednn_conv_{digest}.so")
     if os.path.exists(path):
         return path
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise OnednnUnavailable("no C++ compiler (g++) to build the oneDNN kernels")
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         out = os.path.join(tmp, "lib.so")
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", *flags,
-               SOURCE, "-o", out, "-ldnnl"]
+        cmd = [compiler, *args, "-o", out]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             lines = [ln for ln in result.stderr.splitlines() if "error" in ln] or result.stderr.splitlines()
@@ -166,7 +170,9 @@ def _grouped_weight_grad(pads, kernel_hw):
     @custom_batching.custom_vmap
     def fn(x, g):
         out = jax.ShapeDtypeStruct((x.shape[0], *kernel_hw, x.shape[-1], g.shape[-1]), jnp.float32)
-        return _vary_like(jax.ffi.ffi_call("dpdm_onednn_conv_weight_grad", out)(x, g, **_pad_attrs(pads)), x, g)
+        call = jax.ffi.ffi_call("dpdm_onednn_conv_weight_grad", out)
+        dw = call(x, g, **_pad_attrs(pads), examples_in_parallel=np.int64(WEIGHT_GRAD_EXAMPLES_IN_PARALLEL))
+        return _vary_like(dw, x, g)
 
     @fn.def_vmap
     def _batched(axis_size, in_batched, x, g):  # outer vmaps: more groups

@@ -12,6 +12,8 @@
 #include <string>
 #include <unordered_map>
 
+#include <omp.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -205,22 +207,52 @@ ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k, 
 
 // dk[e] = d/dk sum(dy[e] * conv(x[e], k)) for each of e groups of rows:
 // x (e, n, h, w, ci), dy (e, n, ho, wo, co), dk (e, kh, kw, ci, co).
+// examples_in_parallel: the groups are spread over the OpenMP threads, each group's kernel then
+// runs on one thread (a group of DP-SGD is one example's K rows: too small to split well).
 ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
-                              int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+                              int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                              int64_t examples_in_parallel) {
   return Guarded([&] {
     auto xd = x.dimensions(), kd = dk->dimensions();
     if (xd.size() != 5 || kd.size() != 5 || xd[0] != kd[0] || xd[4] != kd[3])
       return ffi::Error::InvalidArgument("conv weight gradient: bad shapes");
     Geometry g{xd[1], xd[2], xd[3], xd[4], kd[4], kd[1], kd[2], pad_top, pad_bottom, pad_left, pad_right};
-    auto plan = GetPlan(g.Key('w'), [&] { return WeightGradPlan(g); });
-    dnnl::stream stream(Engine());
-    const int64_t x_size = g.n * g.h * g.w * g.ci, dy_size = g.n * g.ho() * g.wo() * g.co,
+    // oneDNN sizes a kernel's work split by the thread count at creation: a kernel that runs one
+    // group per thread must be created for one thread.
+    const bool parallel = examples_in_parallel && xd[0] > 1;
+    auto plan = parallel ? GetPlan(g.Key('W'), [&] {
+                  const int threads = omp_get_max_threads();
+                  omp_set_num_threads(1);
+                  Plan p = WeightGradPlan(g);
+                  omp_set_num_threads(threads);
+                  return p;
+                })
+                         : GetPlan(g.Key('w'), [&] { return WeightGradPlan(g); });
+    const int64_t groups = xd[0], x_size = g.n * g.h * g.w * g.ci, dy_size = g.n * g.ho() * g.wo() * g.co,
                   k_size = g.kh * g.kw * g.ci * g.co;
-    for (int64_t e = 0; e < xd[0]; ++e) {
-      Run(*plan, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.typed_data() + e * x_size)},
-                  {DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dy.typed_data() + e * dy_size)}},
-          DNNL_ARG_DIFF_WEIGHTS, memory(g.WeightsHwio(), Engine(), dk->typed_data() + e * k_size), true, stream);
+    float *xs = x.typed_data(), *dys = dy.typed_data(), *dks = dk->typed_data();
+    auto one_group = [&](int64_t e) {
+      dnnl::stream stream(Engine());
+      Run(*plan, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), xs + e * x_size)},
+                  {DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dys + e * dy_size)}},
+          DNNL_ARG_DIFF_WEIGHTS, memory(g.WeightsHwio(), Engine(), dks + e * k_size), true, stream);
+    };
+    if (!parallel) {
+      for (int64_t e = 0; e < groups; ++e) one_group(e);
+      return ffi::Error::Success();
     }
+    std::string failure;
+    std::mutex failure_mutex;
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < groups; ++e) {
+      try {
+        one_group(e);
+      } catch (const std::exception& ex) {  // exceptions must not leave an OpenMP region
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        failure = ex.what();
+      }
+    }
+    if (!failure.empty()) return ffi::Error::Internal("oneDNN: " + failure);
     return ffi::Error::Success();
   });
 }
@@ -240,4 +272,14 @@ ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 DPDM_CONV_HANDLER(DpdmOnednnConvForward, ConvForwardImpl)
 DPDM_CONV_HANDLER(DpdmOnednnConvInputGrad, ConvInputGradImpl)
-DPDM_CONV_HANDLER(DpdmOnednnConvWeightGrad, ConvWeightGradImpl)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DpdmOnednnConvWeightGrad, ConvWeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_bottom")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("examples_in_parallel"));
