@@ -84,6 +84,11 @@ def main(argv):
 
     try:  # DataError is a ValueError
         apply_environment(FLAGS.config)
+        from dpdm_jax.models.layers import CONV_IMPLS, resolve_conv_impl
+
+        impl = FLAGS.config.model.conv_impl
+        if impl in CONV_IMPLS:  # else the config check says what is allowed
+            logging.info("Convolutions: model.conv_impl=%r -> %s", impl, resolve_conv_impl(impl))
         _run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
         _user_error(e)
