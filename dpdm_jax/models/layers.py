@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import custom_batching, lax
 
-from dpdm_jax.models import onednn
+import dpdm_jax.models.onednn as onednn  # noqa: PLR0402  (not via the package: no import cycle)
 
 # Xavier-uniform for ordinary layers; the same shape scaled to a std of ~1e-5 for layers
 # whose output should start near zero (last conv of each residual branch, attention output,

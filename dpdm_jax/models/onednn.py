@@ -3,7 +3,8 @@
 XLA:CPU's own 3x3 convolutions reach about a third of this CPU's fp32 matrix-product rate where
 PyTorch's oneDNN kernels reach about 60 % (docs/benchmarks.md section 10). This module builds
 kernels/onednn_conv.cc at first use (g++, jaxlib's FFI headers, the system's libdnnl: Debian
-`libdnnl-dev`, or DPDM_ONEDNN_ROOT with include/ and lib/), caches the shared library under
+`libdnnl-dev`; a oneDNN elsewhere through g++'s CPATH / LIBRARY_PATH and the loader's
+LD_LIBRARY_PATH), caches the shared library under
 ~/.cache/dpdm_jax/kernels, and registers three FFI targets. `available()` says whether that
 worked, and why not; nothing here is needed unless a model asks for conv_impl="onednn".
 
@@ -43,23 +44,15 @@ class OnednnUnavailable(RuntimeError):
     """The oneDNN kernels could not be built or loaded on this machine (the message says why)."""
 
 
-def _onednn_flags() -> list[str]:
-    root = os.environ.get("DPDM_ONEDNN_ROOT")
-    if root:
-        lib = os.path.join(root, "lib")
-        return [f"-I{os.path.join(root, 'include')}", f"-L{lib}", f"-Wl,-rpath,{lib}"]
-    return []
-
-
 def _library_path(cache_dir: str | None = None) -> str:
     """Build (once per source, jaxlib and oneDNN location) and return the shared library's path."""
     with open(SOURCE, "rb") as f:
         source = f.read()
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise OnednnUnavailable("no C++ compiler (g++) to build the oneDNN kernels")
     args = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{jax.ffi.include_dir()}",
-            *_onednn_flags(), SOURCE, "-ldnnl"]
+            SOURCE, "-ldnnl"]
     digest = hashlib.sha256(source + " ".join([compiler, jax.__version__, *args]).encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpdm_jax", "kernels")
     path = os.path.join(cache_dir, f"onednn_conv_{digest}.so")
