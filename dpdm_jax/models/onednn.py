@@ -156,6 +156,11 @@ def _rows_then_kernel(call, pads):
     return fn
 
 
+def _mapped(axis_size, in_batched, *args):
+    """args, each with the mapped axis leading (broadcast where it was unmapped)."""
+    return [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched)]
+
+
 @functools.cache
 def _grouped_weight_grad(pads, kernel_hw):
     """(e, n, h, w, ci), (e, n, ho, wo, co) -> (e, kh, kw, ci, co): one weight gradient per group e."""
@@ -169,7 +174,7 @@ def _grouped_weight_grad(pads, kernel_hw):
 
     @fn.def_vmap
     def _batched(axis_size, in_batched, x, g):  # outer vmaps: more groups
-        x, g = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip((x, g), in_batched))
+        x, g = _mapped(axis_size, in_batched, x, g)
         out = fn(x.reshape((-1,) + x.shape[2:]), g.reshape((-1,) + g.shape[2:]))
         return out.reshape((axis_size, -1) + out.shape[1:]), True
 
@@ -186,8 +191,7 @@ def _weight_grad_fn(pads, kernel_hw):
 
     @fn.def_vmap
     def _batched(axis_size, in_batched, x, g):
-        x, g = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip((x, g), in_batched))
-        return _grouped_weight_grad(pads, kernel_hw)(x, g), True
+        return _grouped_weight_grad(pads, kernel_hw)(*_mapped(axis_size, in_batched, x, g)), True
 
     return fn
 
