@@ -173,36 +173,37 @@ ffi::Error Guarded(Body body) {
   }
 }
 
-// y = conv(x, k): x (n, h, w, ci), k (kh, kw, ci, co), y (n, ho, wo, co).
-ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
-                           int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+// The passes that take the kernel k (kh, kw, ci, co) and one activation tensor to another: the
+// forward pass (x -> y) and the input gradient (dy -> dx). x_dims: the x-shaped tensor's shape.
+ffi::Error KernelPass(char kind, Plan (*build)(const Geometry&), ffi::AnyBuffer::Dimensions x_dims,
+                      ffi::Buffer<ffi::F32>& k, float* x_like, float* y_like, int x_arg, int y_arg,
+                      int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
   return Guarded([&] {
-    auto xd = x.dimensions(), kd = k.dimensions();
-    if (xd.size() != 4 || kd.size() != 4 || xd[3] != kd[2]) return ffi::Error::InvalidArgument("conv: bad shapes");
-    Geometry g{xd[0], xd[1], xd[2], xd[3], kd[3], kd[0], kd[1], pad_top, pad_bottom, pad_left, pad_right};
-    auto plan = GetPlan(g.Key('f'), [&] { return ForwardPlan(g); });
+    auto kd = k.dimensions();
+    if (x_dims.size() != 4 || kd.size() != 4 || x_dims[3] != kd[2])
+      return ffi::Error::InvalidArgument("conv: bad shapes");
+    Geometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], kd[3], kd[0], kd[1],
+               pad_top, pad_bottom, pad_left, pad_right};
+    auto plan = GetPlan(g.Key(kind), [&] { return build(g); });
     dnnl::stream stream(Engine());
-    Run(*plan, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.typed_data())},
-                {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->typed_data())}},
+    Run(*plan, {{x_arg, memory(g.Src(), Engine(), x_like)}, {y_arg, memory(g.Dst(), Engine(), y_like)}},
         DNNL_ARG_WEIGHTS, memory(g.WeightsHwio(), Engine(), k.typed_data()), false, stream);
     return ffi::Error::Success();
   });
 }
 
+// y = conv(x, k): x (n, h, w, ci), k (kh, kw, ci, co), y (n, ho, wo, co).
+ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                           int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  return KernelPass('f', ForwardPlan, x.dimensions(), k, x.typed_data(), y->typed_data(), DNNL_ARG_SRC,
+                    DNNL_ARG_DST, pad_top, pad_bottom, pad_left, pad_right);
+}
+
 // dx = d/dx sum(dy * conv(x, k)): dy (n, ho, wo, co), k (kh, kw, ci, co), dx (n, h, w, ci).
 ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx,
                              int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  return Guarded([&] {
-    auto dxd = dx->dimensions(), kd = k.dimensions();
-    if (dxd.size() != 4 || kd.size() != 4 || dxd[3] != kd[2]) return ffi::Error::InvalidArgument("conv: bad shapes");
-    Geometry g{dxd[0], dxd[1], dxd[2], dxd[3], kd[3], kd[0], kd[1], pad_top, pad_bottom, pad_left, pad_right};
-    auto plan = GetPlan(g.Key('d'), [&] { return InputGradPlan(g); });
-    dnnl::stream stream(Engine());
-    Run(*plan, {{DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dy.typed_data())},
-                {DNNL_ARG_DIFF_SRC, memory(g.Src(), Engine(), dx->typed_data())}},
-        DNNL_ARG_WEIGHTS, memory(g.WeightsHwio(), Engine(), k.typed_data()), false, stream);
-    return ffi::Error::Success();
-  });
+  return KernelPass('d', InputGradPlan, dx->dimensions(), k, dx->typed_data(), dy.typed_data(),
+                    DNNL_ARG_DIFF_SRC, DNNL_ARG_DIFF_DST, pad_top, pad_bottom, pad_left, pad_right);
 }
 
 // dk[e] = d/dk sum(dy[e] * conv(x[e], k)) for each of e groups of rows:
