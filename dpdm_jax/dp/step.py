@@ -73,6 +73,11 @@ def ema_update(ema_params: PyTree, params: PyTree, num_updates: jax.Array, max_d
     return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
 
 
+def zero_accumulator(params: PyTree) -> tuple[PyTree, ClipStats]:
+    """The accumulator before a step's first chunk: zero gradient sum shaped like params, zero stats."""
+    return jax.tree.map(jnp.zeros_like, params), ClipStats.zeros()
+
+
 def accumulate_chunk(acc, params, examples, example_ids, mask, key, *, clipped_sum):
     """acc + (clipped gradient sum, ClipStats) of one chunk. `clipped_sum` is the sharded sum."""
     grad_sum, stats = clipped_sum(params, examples, example_ids, mask, key)
@@ -131,6 +136,10 @@ class DPSGDStep:
         self.expected_batch_size = float(expected_batch_size)
         repl = replicated(self.mesh)
         clipped_sum = sharded_clipped_grad_sum(loss_fn, self.mesh, self.clip_norm, microbatch_size)
+        # One compiled call each: eagerly, zeroing ~200 leaves and folding keys were ~10 dispatches
+        # per leaf, 60-120 ms per step on 2 CPU cores (benchmarks/step_profile.py).
+        self._zero_accumulator = jax.jit(zero_accumulator, out_shardings=repl)
+        self._step_keys = jax.jit(step_keys)
         self._accumulate = jax.jit(functools.partial(accumulate_chunk, clipped_sum=clipped_sum),
                                    donate_argnums=(0,), out_shardings=repl)
         self._update = jax.jit(
@@ -154,10 +163,6 @@ class DPSGDStep:
             ema_params=jax.tree.map(lambda x: jnp.array(x, copy=True), params),
         )
         return jax.device_put(state, replicated(self.mesh))
-
-    def zero_accumulator(self, params: PyTree) -> tuple[PyTree, ClipStats]:
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return jax.device_put((zeros, ClipStats.zeros()), replicated(self.mesh))
 
     def accumulate(self, acc, params, examples, example_ids, mask, grad_key):
         """acc + clipped sum of one chunk (host arrays are placed on the mesh here)."""
@@ -185,8 +190,8 @@ class DPSGDStep:
         """
         if int(state.step) != step:
             raise ValueError(f"state is at step {int(state.step)} but step {step} was requested")
-        grad_key, noise_key = step_keys(run_key, step)
-        acc = self.zero_accumulator(state.params)
+        grad_key, noise_key = self._step_keys(run_key, step)
+        acc = self._zero_accumulator(state.params)
         for examples, example_ids, mask in chunks:
             acc = self.accumulate(acc, state.params, examples, example_ids, mask, grad_key)
         grad_sum, stats = acc
