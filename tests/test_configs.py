@@ -178,7 +178,8 @@ def test_quickstart_is_the_measured_run():
     # The qs_* studies are the shipped quickstart with one change each.
     for name, (section, key, value) in {"qs_eps1": ("dp", "epsilon", 1.0),
                                         "qs_fmnist": ("data", "name", "fashion_mnist"),
-                                        "qs_fmnist_np": ("dp", "enabled", False)}.items():
+                                        "qs_fmnist_np": ("dp", "enabled", False),
+                                        "qs_k2": ("diffusion", "noise_multiplicity", 2)}.items():
         study = parse(["main", f"--config={base}", *runs[name]]).to_dict()
         expected = load("quickstart", "").to_dict()
         expected[section][key] = value
