@@ -14,7 +14,8 @@ and op). Each op is classified from the optimised HLO (dumped for this process):
 
 Control-flow ops (while, conditional, call) contain other thunks and are left out, so the groups
 add up to the time spent in kernels. Threads can run thunks concurrently; `kernel_s` per step can
-therefore exceed `wall_s`, and `wall_s - kernel_s` (when positive) bounds the time between kernels.
+therefore exceed `wall_s` (the traced step), and `wall_s - kernel_s` (when positive) bounds the time
+between kernels. `wall_untraced_s` is the same steps without the profiler, for the tracing overhead.
 Prints one JSON object: per part, the wall and per-group seconds per step and the top ops.
 
     python benchmarks/step_profile.py --networks quickstart mnist --batch 8 --k 4 \
@@ -112,9 +113,15 @@ def worker(cfg: dict) -> None:
     run, info = jax_setup(cfg)
     run()
     run()  # compiled and warm
-    trace_dir = os.path.join(cfg["dump"], "trace")
     t = time.perf_counter()
-    with jax.profiler.trace(trace_dir):
+    for _ in range(cfg["steps"]):
+        run()
+    info["wall_untraced_s"] = (time.perf_counter() - t) / cfg["steps"]
+    trace_dir = os.path.join(cfg["dump"], "trace")
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # Python function events slowed the traced steps ~2x
+    t = time.perf_counter()
+    with jax.profiler.trace(trace_dir, profiler_options=options):
         for _ in range(cfg["steps"]):
             run()
     info["wall_s"] = (time.perf_counter() - t) / cfg["steps"]
@@ -143,7 +150,7 @@ def summarise(info: dict, dump: str, steps: int, top: int) -> dict:
         per_op[(args["hlo_module"], args["hlo_op"], group)] += seconds
     kernel_s = sum(per_group.values())
     info.update(
-        kernel_s=round(kernel_s, 4), wall_s=round(info["wall_s"], 4),
+        kernel_s=round(kernel_s, 4), wall_s=round(info["wall_s"], 4), wall_untraced_s=round(info["wall_untraced_s"], 4),
         groups={g: {"s": round(per_group[g], 4), "share": round(per_group[g] / kernel_s, 3) if kernel_s else None}
                 for g in GROUPS},
         top_ops=[{"module": m, "op": o, "group": g, "s": round(s, 5)} for (m, o, g), s in per_op.most_common(top)])
