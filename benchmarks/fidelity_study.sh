@@ -38,7 +38,7 @@ declare -A OVERRIDES=(
   [dp10]="$EDM"
   [dp1]="$EDM --config.dp.epsilon=1"
   [np]="$EDM --config.dp.enabled=False"
-  [k2]="$EDM --config.diffusion.noise_multiplicity=2 --config.training.chunk_size=16"
+  [k2]="$EDM --config.diffusion.noise_multiplicity=2"
   [k4]="$EDM --config.diffusion.noise_multiplicity=4"
   [v]="--config.diffusion.parameterisation=v"
   [vp]="--config.diffusion.parameterisation=vp"
@@ -68,9 +68,8 @@ declare -A OVERRIDES=(
   [qs_fmnist]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.data.name=fashion_mnist"
   # The shipped quickstart with K = 2 noise draws per example (same epsilon, steps and batch): does
   # it lift downstream accuracy past 80 % and still train inside 15 minutes now that oneDNN runs
-  # the convolutions? (K = 4 gave +5 points at 100 steps, session 6.) Chunks of 16 examples: the
-  # same clipped sums (per-example keys come from example ids), measured faster than 8 (session 9).
-  [qs_k2]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.diffusion.noise_multiplicity=2 --config.training.chunk_size=16"
+  # the convolutions? (K = 4 gave +5 points at 100 steps, session 6.)
+  [qs_k2]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.diffusion.noise_multiplicity=2"
   [qs_fmnist_np]="$EDM --config.diffusion.edm_p_mean=0 --config.dp.epochs=0.85 --config.sampling.guidance_weight=2 --config.data.name=fashion_mnist --config.dp.enabled=False"
 )
 ORDER=(dp10 np dp1 guidance samplers k2 k4 v vp ve fmnist10 fmnist_np)

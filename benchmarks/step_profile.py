@@ -48,6 +48,11 @@ _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
+def _opcode(op: str, line: str) -> str:
+    """An instruction's opcode; custom calls carry their target ("custom-call:dpdm_onednn_...")."""
+    return op if op != "custom-call" else "custom-call:" + (_TARGET.search(line) or [None, "?"])[1]
+
+
 def parse_hlo(text: str) -> dict:
     """{op name: group or 'control'} for one optimised HLO module's text."""
     computations, current = {}, None
@@ -67,7 +72,7 @@ def parse_hlo(text: str) -> dict:
     def opcodes(comp, seen=()):  # every opcode in a computation and the ones it calls
         out = set()
         for _, op, line in computations.get(comp, ()):
-            out.add(op if op != "custom-call" else "custom-call:" + (_TARGET.search(line) or [None, "?"])[1])
+            out.add(_opcode(op, line))
             for callee in _CALLS.findall(line):
                 if callee not in seen:
                     out |= opcodes(callee, seen + (comp,))
@@ -76,9 +81,7 @@ def parse_hlo(text: str) -> dict:
     groups = {}
     for comp in computations.values():
         for name, op, line in comp:
-            ops = {op} if op not in ("fusion", "custom-call") else set()
-            if op == "custom-call":
-                ops.add("custom-call:" + (_TARGET.search(line) or [None, "?"])[1])
+            ops = {_opcode(op, line)} if op != "fusion" else set()
             for callee in _CALLS.findall(line) if op == "fusion" else ():
                 ops |= opcodes(callee)
             groups[name] = classify(op, ops)
