@@ -1,0 +1,24 @@
+"""benchmarks/train_step.py times the training program a config builds, in every variant."""
+import json
+import os
+import subprocess
+import sys
+
+from helpers import main_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_variant_times_the_configs_own_steps():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                        "--config", os.path.join(ROOT, "configs", "test_tiny.py"), "--steps", "1", "--warmup", "1",
+                        "--set", "training.chunk_size=4"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=main_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert [res["variant"] for res in out["results"]] == ["train", "random_params", "random_data"]
+    for res in out["results"]:
+        assert "error" not in res, res
+        assert len(res["step_s"]) == 1 and len(res["first_steps_s"]) == 1
+        assert res["s_per_step"] > 0 and res["chunks_per_step"] >= 1
+        assert res["s_per_chunk"] <= res["s_per_step"] and res["chunk_size"] == 4
