@@ -17,7 +17,7 @@ SHIPPED = [
     ("mnist", "eps0.2"), ("mnist", "eps1"), ("mnist", "eps10"),
     ("fashion_mnist", "eps0.2"), ("fashion_mnist", "eps1"), ("fashion_mnist", "eps10"),
     ("cifar10", "eps10"), ("celeba32", "eps1"), ("celeba32", "eps10"), ("celeba64", "eps10"),
-    ("imagenet32", "eps10"), ("quickstart", ""), ("quickstart", "v294"), ("mnist_cpu", ""),
+    ("imagenet32", "eps10"), ("quickstart", ""), ("quickstart", "k2"), ("quickstart", "v294"), ("mnist_cpu", ""),
 ]
 CPU_PRESETS = ("quickstart", "mnist_cpu")  # deliberately not the paper's network or recipe
 
@@ -173,6 +173,13 @@ def test_quickstart_is_the_measured_run():
     assert shipped.sampling.guidance_weight == 2.0 and measured.sampling.guidance_weight == 3.0
     measured.sampling.guidance_weight = 2.0  # sampling only: free for privacy, chosen after training
     assert shipped.to_dict() == measured.to_dict()
+    # The k2 preset is the qs_k2_t170 study run, evaluated on 5000 samples (eval only, no training change).
+    measured_k2 = parse(["main", f"--config={base}", *runs["qs_k2_t170"]])
+    k2 = load("quickstart", "k2")
+    assert k2.eval.num_samples == 5000 and measured_k2.eval.num_samples == 1000
+    measured_k2.eval.num_samples = 5000
+    assert k2.to_dict() == measured_k2.to_dict()
+    assert k2.diffusion.noise_multiplicity == 2 and k2.training.chunk_size * 2 == shipped.training.chunk_size
     with pytest.raises(ValueError, match="Unknown quickstart preset"):
         load("quickstart", "v2")
     # The qs_* studies are the shipped quickstart with one change each.
