@@ -23,8 +23,6 @@ Prints one JSON object to stdout.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import platform
@@ -38,20 +36,15 @@ VARIANTS = ("train", "random_params", "random_data")
 
 
 def load_config(spec: str, overrides: list[str]):
-    """`path/to/config.py[:preset]` as configs are given to dpdm_jax.main, with `field.name=value` overrides."""
-    path, _, preset = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(preset) if preset else module.get_config()
-    for item in overrides:
-        name, _, value = item.partition("=")
-        *parents, leaf = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = ast.literal_eval(value)
-    return config
+    """The config `--config=spec --config.FIELD=VALUE ...` gives dpdm_jax.main (same parser, same types)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["train_step", f"--config={spec}", *(f"--config.{item}" for item in overrides)]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
 
 
 def worker(cfg: dict) -> dict:
