@@ -11,7 +11,7 @@ Presets (the part after ':' in --config=configs/quickstart.py:PRESET):
           on 1000 samples, 11.7 min of training with three label checks).
   "k2"    K = 2 noise draws per example, 170 steps (the same epsilon), guidance 1, eval on 5000
           samples: both 80 % targets met (2026-12-03, one run: label accuracy 81.7 %, downstream
-          CNN 85.0 %), but 19 min of training on that day's 2-core host, over 15 minutes
+          CNN 85.0 %), but 16-19 min of training on that day's 2-core host, over 15 minutes
           (docs/quickstart.md, session 10).
   "v294"  the quickstart as measured from 2026-12-02 (sessions 5-6) until then: v-prediction,
           1.25 epochs (T = 294), guidance 3 (89.9 % / 72.2 %, 18 min on a slower host). The studies
