@@ -2,6 +2,8 @@
 
 User errors (a bad config or flag, missing or corrupt data, no restorable checkpoint) end the run
 with exit status 2 and one `error: ...` line on stderr; --verbosity=1 also logs the traceback.
+Where tcmalloc is installed the command re-runs itself once with it preloaded (speed only; see
+`tcmalloc_preload`; DPDM_NO_TCMALLOC=1 turns that off).
 """
 from __future__ import annotations
 
@@ -33,6 +35,27 @@ ENVIRONMENT = {
     "DPDM_FID_STATS_DIR": "eval.fid_stats_dir",  # FID reference statistics of the public datasets
 }
 NO_FETCH = "DPDM_DATA_NO_FETCH"  # 1 / true / yes: data.fetch = False (no automatic MNIST download)
+NO_TCMALLOC = "DPDM_NO_TCMALLOC"  # 1: keep glibc's malloc (see tcmalloc_preload)
+# Debian / Ubuntu's libtcmalloc-minimal4 (apt-get install libtcmalloc-minimal4).
+TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() not in ("", "0", "false", "no")
+
+
+def tcmalloc_preload(environ, candidates=TCMALLOC_PATHS, exists=os.path.exists) -> str | None:
+    """The tcmalloc library to re-run this command with, or None to run as is.
+
+    Speed only, never results: under glibc's malloc XLA:CPU frees and re-faults its large buffers on
+    every call (the quickstart: 87 million minor page faults, a quarter of its CPU time in the
+    kernel); tcmalloc keeps them (docs/benchmarks.md sections 7 and 13). None when the user already
+    preloads something, sets DPDM_NO_TCMALLOC=1, or tcmalloc is not installed.
+    """
+    if environ.get("LD_PRELOAD") or _truthy(environ.get(NO_TCMALLOC)):
+        return None
+    return next((path for path in candidates if exists(path)), None)
 
 
 def apply_environment(config, environ=None) -> None:
@@ -42,7 +65,7 @@ def apply_environment(config, environ=None) -> None:
         section, name = field.split(".")
         if environ.get(var) and not config[section][name]:
             config[section][name] = environ[var]
-    if environ.get(NO_FETCH, "").strip().lower() not in ("", "0", "false", "no"):
+    if _truthy(environ.get(NO_FETCH)):
         config.data.fetch = False
 
 
@@ -78,8 +101,8 @@ def main(argv):
     if FLAGS.coordinator_address or os.environ.get("DPDM_MULTIHOST"):
         # On TPU pods / SLURM the arguments may be discovered automatically.
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info("JAX %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
-                 jax.devices()[0].platform)
+    logging.info("JAX %d process(es), %d device(s): %s; allocator: %s", jax.process_count(), jax.device_count(),
+                 jax.devices()[0].platform, os.environ.get("LD_PRELOAD") or "the C library's malloc")
     from dpdm_jax.checkpoint import CheckpointError
 
     try:  # DataError is a ValueError
@@ -114,4 +137,7 @@ def _run(mode, config, workdir):
 
 
 if __name__ == "__main__":
+    preload = tcmalloc_preload(os.environ)
+    if preload:  # once: the re-run process has LD_PRELOAD set
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": preload})
     app.run(main, flags_parser=_parse_flags)

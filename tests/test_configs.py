@@ -17,7 +17,7 @@ SHIPPED = [
     ("mnist", "eps0.2"), ("mnist", "eps1"), ("mnist", "eps10"),
     ("fashion_mnist", "eps0.2"), ("fashion_mnist", "eps1"), ("fashion_mnist", "eps10"),
     ("cifar10", "eps10"), ("celeba32", "eps1"), ("celeba32", "eps10"), ("celeba64", "eps10"),
-    ("imagenet32", "eps10"), ("quickstart", ""), ("quickstart", "k2"), ("quickstart", "v294"), ("mnist_cpu", ""),
+    ("imagenet32", "eps10"), ("quickstart", ""), ("quickstart", "k1"), ("quickstart", "k2"), ("quickstart", "v294"), ("mnist_cpu", ""),
 ]
 CPU_PRESETS = ("quickstart", "mnist_cpu")  # deliberately not the paper's network or recipe
 
@@ -166,33 +166,42 @@ def parse(argv):
 
 
 def test_quickstart_is_the_measured_run():
-    """The shipped quickstart is the edm_hi_fast study run (docs/fidelity.md) sampled with guidance 2."""
+    """Each quickstart preset is the study run of benchmarks/fidelity_study.sh that docs/fidelity.md measured."""
     base, runs = fidelity_study_runs()
-    measured = parse(["main", f"--config={base}", *runs["edm_hi_fast"]])
+    # The shipped quickstart is the qs_k2_t150 study run, evaluated on 5000 samples (eval only).
+    measured = parse(["main", f"--config={base}", *runs["qs_k2_t150"]])
     shipped = load("quickstart", "")
-    assert shipped.sampling.guidance_weight == 2.0 and measured.sampling.guidance_weight == 3.0
-    measured.sampling.guidance_weight = 2.0  # sampling only: free for privacy, chosen after training
+    assert shipped.eval.num_samples == 5000 and measured.eval.num_samples == 1000
+    measured.eval.num_samples = 5000
     assert shipped.to_dict() == measured.to_dict()
-    # The k2 preset is the qs_k2_t170 study run, evaluated on 5000 samples (eval only, no training change).
+    assert shipped.diffusion.noise_multiplicity == 2 and round(shipped.dp.epochs * 60000 / shipped.dp.batch_size) == 150
+    # k1 (the quickstart of 2026-12-03) is the edm_hi_fast study run sampled with guidance 2.
+    measured_k1 = parse(["main", f"--config={base}", *runs["edm_hi_fast"]])
+    k1 = load("quickstart", "k1")
+    assert k1.sampling.guidance_weight == 2.0 and measured_k1.sampling.guidance_weight == 3.0
+    measured_k1.sampling.guidance_weight = 2.0  # sampling only: free for privacy, chosen after training
+    assert k1.to_dict() == measured_k1.to_dict()
+    # The k2 preset is the qs_k2_t170 study run, evaluated on 5000 samples.
     measured_k2 = parse(["main", f"--config={base}", *runs["qs_k2_t170"]])
     k2 = load("quickstart", "k2")
-    assert k2.eval.num_samples == 5000 and measured_k2.eval.num_samples == 1000
     measured_k2.eval.num_samples = 5000
     assert k2.to_dict() == measured_k2.to_dict()
-    assert k2.diffusion.noise_multiplicity == 2 and k2.training.chunk_size * 2 == shipped.training.chunk_size
+    assert k2.training.chunk_size * 2 == k1.training.chunk_size  # 16 rows per call with K = 2 as with K = 1
     with pytest.raises(ValueError, match="Unknown quickstart preset"):
         load("quickstart", "v2")
-    # The qs_* studies are the shipped quickstart with one change each.
+    # The qs_* studies of sessions 7-9 are k1 (then the shipped quickstart) with one change each.
     for name, (section, key, value) in {"qs_eps1": ("dp", "epsilon", 1.0),
                                         "qs_fmnist": ("data", "name", "fashion_mnist"),
                                         "qs_fmnist_np": ("dp", "enabled", False),
                                         "qs_k2": ("diffusion", "noise_multiplicity", 2)}.items():
         study = parse(["main", f"--config={base}", *runs[name]]).to_dict()
-        expected = load("quickstart", "").to_dict()
+        expected = load("quickstart", "k1").to_dict()
         expected[section][key] = value
         if name == "qs_fmnist_np":
             expected["data"]["name"] = "fashion_mnist"
         assert study == expected, name
+    # mnist_cpu builds on k1 (its measured runs, sessions 4-9), not on the K = 2 default.
+    assert load("mnist_cpu", "").diffusion.noise_multiplicity == 1
 
 
 def test_fidelity_study_runs_parse_and_validate():

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpdm_jax import train
+from dpdm_jax import main, train
 from dpdm_jax.checkpoint import Checkpointer
 from helpers import assert_trees_equal, tiny_config
 
@@ -27,6 +27,9 @@ def test_main_train_then_sample(tmp_path):
             "--config.training.max_steps=3", "--config.training.sample_every=3"]
     out = subprocess.run(base + ["--mode=train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    # Where tcmalloc is installed the command re-ran itself with it preloaded (speed only).
+    allocator = main.tcmalloc_preload(env) or env.get("LD_PRELOAD") or "the C library's malloc"
+    assert f"allocator: {allocator}" in out.stderr
     # test_tiny's seed is fixed, hence public: the summary line says NO guarantee, never "Privacy guarantee".
     assert "NO guarantee: the seed is public" in out.stdout and "after 3/4 steps" in out.stdout
     assert "Privacy guarantee" not in out.stdout
@@ -47,6 +50,17 @@ def test_main_train_then_sample(tmp_path):
     np.testing.assert_array_equal(samples["labels"], np.arange(5) % 3)  # balanced by default
     manifest = json.load(open(os.path.join(workdir, "samples", "samples_step3.json")))
     assert manifest["privacy"].startswith("NO guarantee: the seed is public") and not manifest["has_guarantee"]
+
+
+def test_tcmalloc_preload_decision():
+    """main re-runs itself with tcmalloc only if installed, nothing is preloaded and the user did not opt out."""
+    libs = ("/no/such/libtcmalloc.so", "/found/libtcmalloc_minimal.so.4")
+    exists = lambda path: path.startswith("/found/")
+    assert main.tcmalloc_preload({}, libs, exists) == "/found/libtcmalloc_minimal.so.4"
+    assert main.tcmalloc_preload({"DPDM_NO_TCMALLOC": "0"}, libs, exists) == "/found/libtcmalloc_minimal.so.4"
+    assert main.tcmalloc_preload({"DPDM_NO_TCMALLOC": "1"}, libs, exists) is None
+    assert main.tcmalloc_preload({"LD_PRELOAD": "/my/jemalloc.so"}, libs, exists) is None  # the user's choice wins
+    assert main.tcmalloc_preload({}, libs[:1], exists) is None  # not installed: run as is
 
 
 def test_checkpoint_roundtrip(tmp_path):
