@@ -2,8 +2,6 @@
 # Try the multi-host path on one machine: N processes x D fake CPU devices each.
 # Usage: launch/local_multiprocess.sh 2 2 configs/test_tiny.py /tmp/mp_run [--config.x=y ...]
 set -euo pipefail
-# shellcheck source=launch/env.sh
-. "$(dirname "$0")/env.sh"
 n=$1; d=$2; config=$3; workdir=$4; shift 4
 port=$((20000 + RANDOM % 20000))
 pids=()

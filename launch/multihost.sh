@@ -4,8 +4,6 @@
 #              NUM_PROCESSES=$SLURM_NTASKS PROCESS_ID=$SLURM_PROCID
 # Usage: launch/multihost.sh configs/cifar10.py runs/cifar10 [--config.x=y ...]
 set -euo pipefail
-# shellcheck source=launch/env.sh
-. "$(dirname "$0")/env.sh"
 config=$1; workdir=$2; shift 2
 : "${COORDINATOR:?set COORDINATOR=host:port}" "${NUM_PROCESSES:?}" "${PROCESS_ID:?}"
 exec python -m dpdm_jax.main --config="$config" --workdir="$workdir" --mode=train \

@@ -4,4 +4,4 @@
 set -euo pipefail
 config=$1; workdir=$2; shift 2
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command \
-  "cd dpdm_jax && . launch/env.sh && DPDM_MULTIHOST=1 python -m dpdm_jax.main --config=$config --workdir=$workdir --mode=train $*"
+  "cd dpdm_jax && DPDM_MULTIHOST=1 python -m dpdm_jax.main --config=$config --workdir=$workdir --mode=train $*"

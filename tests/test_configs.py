@@ -174,7 +174,7 @@ def test_quickstart_is_the_measured_run():
     assert shipped.eval.num_samples == 5000 and measured.eval.num_samples == 1000
     measured.eval.num_samples = 5000
     assert shipped.to_dict() == measured.to_dict()
-    assert shipped.diffusion.noise_multiplicity == 2 and round(shipped.dp.epochs * 60000 / shipped.dp.batch_size) == 150
+    assert shipped.diffusion.noise_multiplicity == 2 and experiment.privacy_schedule(shipped, 60000).num_steps == 150
     # k1 (the quickstart of 2026-12-03) is the edm_hi_fast study run sampled with guidance 2.
     measured_k1 = parse(["main", f"--config={base}", *runs["edm_hi_fast"]])
     k1 = load("quickstart", "k1")
