@@ -44,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("jax_nonprivate", "jax_dp", "torch_nonprivate", "opacus_dp")
 # A JAX part may carry a convolution implementation (DDPMpp.conv_impl): jax_dp@xla, ...
 sys.path.insert(0, os.path.dirname(HERE))
+from dpdm_jax.main import tcmalloc_preload
 from dpdm_jax.models.layers import CONV_IMPLS  # noqa: E402  (the registry; starts no backend)
 
 CONV_IMPLS = tuple(c for c in CONV_IMPLS if c != "auto")
@@ -56,6 +57,20 @@ NETWORKS = {
     "quickstart": dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=()),  # configs/quickstart.py
 }
 SIGMA, CLIP, LR, LABEL_DROPOUT = 2.488, 1.0, 3e-4, 0.1  # the paper's MNIST epsilon=10 recipe
+
+
+
+
+def worker_environment(environ=None) -> tuple[dict, str]:
+    """(the workers' environment, the allocator's name): the parent's environment, with tcmalloc
+    preloaded wherever `python -m dpdm_jax.main` would preload it, so that every part (ours, PyTorch,
+    Opacus) runs with the allocator of the training command (DPDM_NO_TCMALLOC=1: glibc's malloc)."""
+    env = dict(os.environ if environ is None else environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    preload = tcmalloc_preload(env)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    return env, env.get("LD_PRELOAD") or "glibc malloc"
 
 
 # ----------------------------------------------------------------------------- JAX workers
@@ -332,8 +347,7 @@ def main():
     if args.worker:
         return worker(json.loads(args.worker))
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    env, allocator = worker_environment()
     try:
         load = os.getloadavg()
     except OSError:
@@ -341,7 +355,7 @@ def main():
     out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": platform.processor()
            or platform.machine(), "cpus": os.cpu_count(), "threads_per_worker": args.threads or os.cpu_count(), "load_avg_at_start": load, "batch": args.batch,
            "k": args.k, "rows_per_step": args.batch * args.k, "repeats": args.repeats,
-           "xla_flags": env.get("XLA_FLAGS", ""), "networks": {}}
+           "xla_flags": env.get("XLA_FLAGS", ""), "allocator": allocator, "networks": {}}
     deadline = time.time() + args.timeout
     live = []
 

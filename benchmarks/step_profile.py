@@ -176,14 +176,19 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
-    out = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S"), "networks": {}}
+    sys.path.insert(0, HERE)
+    from per_example_grads import worker_environment  # the training command's allocator
+
+    base_env, allocator = worker_environment()
+    out = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S"), "allocator": allocator,
+           "networks": {}}
     for net in args.networks:
         out["networks"][net] = {}
         for part in args.parts:
             with tempfile.TemporaryDirectory() as dump:
                 cfg = dict(network=net, part=part, batch=args.batch, k=args.k, steps=args.steps, dump=dump)
-                env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                                 f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip())
+                env = dict(base_env, XLA_FLAGS=(base_env.get("XLA_FLAGS", "") +
+                                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip())
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                                       env=env, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

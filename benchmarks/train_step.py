@@ -113,11 +113,14 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    sys.path.insert(0, HERE)
+    from per_example_grads import worker_environment  # the training command's allocator
+
+    env, allocator = worker_environment()
     out = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "config": args.config, "overrides": args.set, "results": []}
+           "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(), "config": args.config, "overrides": args.set, "allocator": allocator,
+           "results": []}
     for variant in args.variants:
         cfg = dict(config=args.config, variant=variant, steps=args.steps, warmup=args.warmup,
                    overrides=args.set)

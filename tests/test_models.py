@@ -202,3 +202,31 @@ def test_config_conv_impl_is_validated_from_the_registry_and_reaches_the_model()
         config.model.conv_impl = impl
         experiment.validate_config(config)
         assert experiment.build_model(config).conv_impl == impl
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 14, 14, 64), 16), ((2, 7, 7, 12), 3), ((2, 4, 4, 1), 1)])
+def test_group_norm_matches_flax_values_gradients_and_per_example_gradients(shape, groups):
+    """layers.GroupNorm (per-channel sums, then per-group) == flax.linen.GroupNorm: same parameter
+    tree, same outputs, input and parameter gradients, and vmapped per-example gradients."""
+    import flax.linen as nn
+
+    from dpdm_jax.models.layers import GroupNorm
+
+    ours, ref = GroupNorm(groups), nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    kx, kp, kc = jax.random.split(jax.random.key(0), 3)
+    x = 3.0 * jax.random.normal(kx, shape) + 1.5  # a non-zero mean, as after a convolution
+    assert jax.tree.map(jnp.shape, ours.init(kp, x)) == jax.tree.map(jnp.shape, ref.init(kp, x))
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(kp, a.shape), ref.init(kp, x))
+    cot = jax.random.normal(kc, shape)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=2e-5)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jax.nn.silu(module.apply(p, x)) * cot[: x.shape[0]])
+
+    batch_grads = lambda module: jax.grad(loss(module), argnums=(0, 1))(params, x)
+    # Per-example (DP-SGD's vmap of grad), each example a batch of one row.
+    example_grads = lambda module: jax.vmap(jax.grad(loss(module), argnums=(0, 1)), in_axes=(None, 0))(
+        params, x[:, None])
+    for grads in (batch_grads, example_grads):
+        for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

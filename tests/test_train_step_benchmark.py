@@ -22,3 +22,19 @@ def test_every_variant_times_the_configs_own_steps():
         assert len(res["step_s"]) == 1 and len(res["first_steps_s"]) == 1
         assert res["s_per_step"] > 0 and res["chunks_per_step"] >= 1
         assert res["s_per_chunk"] <= res["s_per_step"] and res["chunk_size"] == 4
+
+
+def test_benchmark_workers_run_with_the_training_commands_allocator():
+    """Every timed part gets what `python -m dpdm_jax.main` runs with: tcmalloc where it would
+    preload it, glibc's malloc with DPDM_NO_TCMALLOC=1, and a user's own LD_PRELOAD untouched."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from per_example_grads import worker_environment
+
+    from dpdm_jax.main import tcmalloc_preload
+
+    env, allocator = worker_environment({"PATH": "/bin"})
+    assert allocator == (tcmalloc_preload({}) or "glibc malloc")
+    assert env.get("LD_PRELOAD") == tcmalloc_preload({}) and env["PATH"] == "/bin"
+    assert worker_environment({"DPDM_NO_TCMALLOC": "1"})[1] == "glibc malloc"
+    env, allocator = worker_environment({"LD_PRELOAD": "/opt/my_malloc.so"})
+    assert allocator == env["LD_PRELOAD"] == "/opt/my_malloc.so"
