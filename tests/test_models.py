@@ -204,29 +204,37 @@ def test_config_conv_impl_is_validated_from_the_registry_and_reaches_the_model()
         assert experiment.build_model(config).conv_impl == impl
 
 
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("shape,groups", [((3, 14, 14, 64), 16), ((2, 7, 7, 12), 3), ((2, 4, 4, 1), 1)])
-def test_group_norm_matches_flax_values_gradients_and_per_example_gradients(shape, groups):
-    """layers.GroupNorm (per-channel sums, then per-group) == flax.linen.GroupNorm: same parameter
-    tree, same outputs, input and parameter gradients, and vmapped per-example gradients."""
+def test_group_norm_matches_flax_values_gradients_and_per_example_gradients(shape, groups, silu, kernel):
+    """layers.GroupNorm (per-channel sums, then per-group; or the CPU kernel) [+ SiLU] ==
+    flax.linen.GroupNorm [+ SiLU]: same parameter tree, same outputs, input and parameter gradients,
+    and vmapped per-example gradients."""
     import flax.linen as nn
 
+    from dpdm_jax.models import onednn
     from dpdm_jax.models.layers import GroupNorm
 
-    ours, ref = GroupNorm(groups), nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    if kernel and not onednn.available():
+        pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
+    ours, flax_gn = GroupNorm(groups, silu=silu, kernel=kernel), nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    ref = nn.Sequential([flax_gn, jax.nn.silu]) if silu else flax_gn
     kx, kp, kc = jax.random.split(jax.random.key(0), 3)
     x = 3.0 * jax.random.normal(kx, shape) + 1.5  # a non-zero mean, as after a convolution
-    assert jax.tree.map(jnp.shape, ours.init(kp, x)) == jax.tree.map(jnp.shape, ref.init(kp, x))
-    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(kp, a.shape), ref.init(kp, x))
+    assert jax.tree.map(jnp.shape, ours.init(kp, x)) == jax.tree.map(jnp.shape, flax_gn.init(kp, x))
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(kp, a.shape), flax_gn.init(kp, x))
+    ref_params = {"params": {"layers_0": params["params"]}} if silu else params
     cot = jax.random.normal(kc, shape)
-    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=2e-5)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(ref_params, x), atol=2e-5)
 
     def loss(module):
-        return lambda p, x: jnp.sum(jax.nn.silu(module.apply(p, x)) * cot[: x.shape[0]])
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)) * cot[: x.shape[0]])
 
-    batch_grads = lambda module: jax.grad(loss(module), argnums=(0, 1))(params, x)
+    batch_grads = lambda module, p: jax.grad(loss(module), argnums=(0, 1))(p, x)
     # Per-example (DP-SGD's vmap of grad), each example a batch of one row.
-    example_grads = lambda module: jax.vmap(jax.grad(loss(module), argnums=(0, 1)), in_axes=(None, 0))(
-        params, x[:, None])
+    example_grads = lambda module, p: jax.vmap(jax.grad(loss(module), argnums=(0, 1)), in_axes=(None, 0))(
+        p, x[:, None])
     for grads in (batch_grads, example_grads):
-        for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref)), strict=True):
+        for a, b in zip(jax.tree.leaves(grads(ours, params)), jax.tree.leaves(grads(ref, ref_params)), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -110,7 +110,7 @@ class DDPMpp(nn.Module):
         assert not skips
 
         # Head.
-        h = nn.silu(group_norm(h.shape[-1], name="norm_out")(h))
+        h = group_norm(h.shape[-1], name="norm_out", silu=True, conv_impl=self.conv_impl)(h)
         return conv3x3(self.in_channels, self.conv_impl, init=near_zero_init, name="conv_out")(h)
 
 

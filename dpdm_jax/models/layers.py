@@ -34,7 +34,8 @@ def num_groups(channels: int) -> int:
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm over (H, W, channels of a group) of each example: (B, H, W, C) -> same shape.
+    """GroupNorm over (H, W, channels of a group) of each example, then SiLU if `silu`:
+    (B, H, W, C) -> same shape.
 
     The same parameters ('scale' ones, 'bias' zeros, each (C,)) and values as flax.linen.GroupNorm
     (statistics in float32, variance as E[x^2] - E[x]^2 clipped at 0), computed in an order that
@@ -42,11 +43,15 @@ class GroupNorm(nn.Module):
     the minor axis, so the reductions vectorise), then per-group sums of those small (B, C)
     arrays, then one multiply-add per element with per-channel coefficients. Flax's form reduces
     over a (B, H, W, G, C/G) view, which XLA:CPU lowered to slow strided reductions in the forward
-    and backward passes (docs/benchmarks.md section 14).
+    and backward passes (docs/benchmarks.md section 14). `kernel`: the same values from the CPU
+    kernel of models/kernels/group_norm.cc (two passes over each row each way, SiLU fused; used
+    with conv_impl="onednn", whose library it is built into).
     """
 
     num_groups: int
     epsilon: float = 1e-6
+    silu: bool = False
+    kernel: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -55,6 +60,8 @@ class GroupNorm(nn.Module):
         assert c % g == 0, (c, g)
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        if self.kernel:
+            return onednn.group_norm(x, scale, bias, g, self.epsilon, self.silu)
         xf = x.astype(jnp.float32)
         count = height * width * (c // g)
         group_sum = lambda per_channel: per_channel.reshape(b, g, c // g).sum(-1)  # (B, C) -> (B, G)
@@ -63,12 +70,15 @@ class GroupNorm(nn.Module):
         per_channel = lambda per_group: jnp.repeat(per_group, c // g, axis=-1)  # (B, G) -> (B, C)
         mul = scale * per_channel(lax.rsqrt(var + self.epsilon))
         add = bias - per_channel(mean) * mul
-        return (xf * mul[:, None, None, :] + add[:, None, None, :]).astype(x.dtype)
+        y = xf * mul[:, None, None, :] + add[:, None, None, :]
+        return (nn.silu(y) if self.silu else y).astype(x.dtype)
 
 
-def group_norm(channels: int, name: str | None = None) -> GroupNorm:
-    """Per-example GroupNorm with min(C // 4, 32) groups and eps 1e-6."""
-    return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, name=name)
+def group_norm(channels: int, name: str | None = None, *, silu: bool = False, conv_impl: str = "xla") -> GroupNorm:
+    """Per-example GroupNorm with min(C // 4, 32) groups and eps 1e-6 [then SiLU]; computed by the
+    CPU kernel where `conv_impl` resolves to "onednn"."""
+    kernel = resolve_conv_impl(conv_impl) == "onednn"
+    return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, silu=silu, kernel=kernel, name=name)
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -330,7 +340,7 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb, train: bool = False):
         assert not (self.up and self.down)
         in_ch = x.shape[-1]
-        h = nn.silu(group_norm(in_ch, name="norm0")(x))
+        h = group_norm(in_ch, name="norm0", silu=True, conv_impl=self.conv_impl)(x)
         if self.up:
             h, x = upsample(h), upsample(x)
         elif self.down:
@@ -339,7 +349,7 @@ class ResBlock(nn.Module):
         # Noise/label conditioning as a per-channel bias, broadcast over H and W.
         h = h + nn.Dense(self.out_ch, kernel_init=default_init, bias_init=zeros,
                          name="emb_proj")(nn.silu(emb))[:, None, None, :]
-        h = nn.silu(group_norm(self.out_ch, name="norm1")(h))
+        h = group_norm(self.out_ch, name="norm1", silu=True, conv_impl=self.conv_impl)(h)
         if self.dropout > 0:
             h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv3x3(self.out_ch, self.conv_impl, init=near_zero_init, name="conv1")(h)

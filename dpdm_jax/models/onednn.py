@@ -1,4 +1,5 @@
-"""oneDNN's convolution kernels behind XLA:CPU (conv_impl="onednn"), as XLA FFI custom calls.
+"""oneDNN's convolution kernels and a GroupNorm(+SiLU) kernel behind XLA:CPU (conv_impl="onednn"),
+as XLA FFI custom calls.
 
 XLA:CPU's own 3x3 convolutions reach about a third of this CPU's fp32 matrix-product rate where
 PyTorch's oneDNN kernels reach about 60 % (docs/benchmarks.md section 10). This module builds
@@ -28,11 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import custom_batching
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "onednn_conv.cc")
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+SOURCES = (os.path.join(_KERNELS, "onednn_conv.cc"), os.path.join(_KERNELS, "group_norm.cc"))
 _TARGETS = {  # FFI target name -> symbol in the shared library
     "dpdm_onednn_conv_forward": "DpdmOnednnConvForward",
     "dpdm_onednn_conv_input_grad": "DpdmOnednnConvInputGrad",
     "dpdm_onednn_conv_weight_grad": "DpdmOnednnConvWeightGrad",
+    "dpdm_group_norm_forward": "DpdmGroupNormForward",
+    "dpdm_group_norm_backward": "DpdmGroupNormBackward",
 }
 
 
@@ -46,13 +50,17 @@ class OnednnUnavailable(RuntimeError):
 
 def _library_path(cache_dir: str | None = None) -> str:
     """Build (once per source, jaxlib and oneDNN location) and return the shared library's path."""
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            source += f.read()
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise OnednnUnavailable("no C++ compiler (g++) to build the oneDNN kernels")
-    args = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-I{jax.ffi.include_dir()}",
-            SOURCE, "-ldnnl"]
+    # -fno-math-errno (not -ffast-math, whose start-up code would flush denormals process-wide) and
+    # libmvec let the GroupNorm kernel's SiLU call glibc's vectorised expf.
+    args = ["-O3", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-I{jax.ffi.include_dir()}", *SOURCES, "-ldnnl", "-lmvec"]
     digest = hashlib.sha256(source + " ".join([compiler, jax.__version__, *args]).encode()).hexdigest()[:16]
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dpdm_jax", "kernels")
     path = os.path.join(cache_dir, f"onednn_conv_{digest}.so")
@@ -213,3 +221,56 @@ def conv_weight_grad(x, g, w, pads):
     require()
     dw = _weight_grad_fn(pads, tuple(w.shape[:2]))(x.astype(jnp.float32), g.astype(jnp.float32))
     return _vary_like(dw.astype(w.dtype), w)
+
+
+# --------------------------------------------------------------------------- GroupNorm (+ SiLU)
+# kernels/group_norm.cc: the forward pass returns y and each row's group statistics (rows, G); the
+# backward pass returns dx and each row's scale and bias gradients (rows, C), summed here. Every
+# leading axis counts as rows, so under jax.vmap the mapped axis simply adds rows ("expand_dims":
+# the unmapped scale and bias get a leading axis of 1, which the kernel reads as the same (C,)).
+
+
+def _group_norm_call(x, scale, bias, groups, epsilon, silu):
+    rows = int(np.prod(x.shape[:-3]))
+    stats = jax.ShapeDtypeStruct((rows, groups), jnp.float32)
+    call = jax.ffi.ffi_call("dpdm_group_norm_forward", (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+                            vmap_method="expand_dims")
+    outs = call(x, scale, bias, groups=np.int64(groups), epsilon=np.float32(epsilon), silu=np.int64(silu))
+    return tuple(_vary_like(o, x, scale, bias) for o in outs)
+
+
+def _group_norm_grad_call(x, scale, bias, mean, rstd, dy, groups, silu):
+    per_row = jax.ShapeDtypeStruct((int(np.prod(x.shape[:-3])), x.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call("dpdm_group_norm_backward", (jax.ShapeDtypeStruct(x.shape, jnp.float32), per_row, per_row),
+                            vmap_method="expand_dims")
+    outs = call(x, scale, bias, mean, rstd, dy, groups=np.int64(groups), silu=np.int64(silu))
+    return tuple(_vary_like(o, x, scale, bias, mean, rstd, dy) for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x, scale, bias, groups, epsilon, silu):
+    return _group_norm_call(x, scale, bias, groups, epsilon, silu)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, silu):
+    y, mean, rstd = _group_norm_call(x, scale, bias, groups, epsilon, silu)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(groups, epsilon, silu, residuals, dy):
+    x, scale, bias, mean, rstd = residuals
+    dx, dscale, dbias = _group_norm_grad_call(x, scale, bias, mean, rstd, dy, groups, silu)
+    return dx, dscale.sum(0), dbias.sum(0)
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x, scale, bias, groups: int, epsilon: float, silu: bool = False):
+    """GroupNorm of each row of x (..., H, W, C) with scale, bias (C,), then SiLU if `silu`.
+
+    The same values as layers.GroupNorm (float32; statistics summed in float64), and its gradients.
+    """
+    require()
+    f32 = lambda a: a.astype(jnp.float32)
+    return _group_norm(f32(x), f32(scale), f32(bias), int(groups), float(epsilon), bool(silu)).astype(x.dtype)
