@@ -87,7 +87,7 @@ class DDPMpp(nn.Module):
             for i in range(self.num_res_blocks):
                 h = res_block(nf * mult, f"down{level}_res{i}")(h, emb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(name=f"down{level}_attn{i}")(h)
+                    h = AttnBlock(conv_impl=self.conv_impl, name=f"down{level}_attn{i}")(h)
                 skips.append(h)
             if level != num_levels - 1:
                 h = res_block(h.shape[-1], f"down{level}_resample", down=True)(h, emb, train)
@@ -95,7 +95,7 @@ class DDPMpp(nn.Module):
 
         # Middle (always with attention).
         h = res_block(h.shape[-1], "mid_res0")(h, emb, train)
-        h = AttnBlock(name="mid_attn")(h)
+        h = AttnBlock(conv_impl=self.conv_impl, name="mid_attn")(h)
         h = res_block(h.shape[-1], "mid_res1")(h, emb, train)
 
         # Up path: num_res_blocks + 1 blocks per level, each consuming one skip.
@@ -104,7 +104,7 @@ class DDPMpp(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res_block(nf * self.ch_mult[level], f"up{level}_res{i}")(h, emb, train)
             if h.shape[1] in self.attn_resolutions:
-                h = AttnBlock(name=f"up{level}_attn")(h)
+                h = AttnBlock(conv_impl=self.conv_impl, name=f"up{level}_attn")(h)
             if level != 0:
                 h = res_block(h.shape[-1], f"up{level}_resample", up=True)(h, emb, train)
         assert not skips

@@ -101,7 +101,9 @@ def group_norm(channels: int, name: str | None = None, *, silu: bool = False, co
 #   "onednn":        CPU only: oneDNN's kernels as XLA custom calls (models/onednn.py; needs g++
 #                    and libdnnl-dev): forward, input gradient, and one weight gradient per example
 #                    when vmapped. Measured fastest on CPU in every pass and layer shape, and
-#                    20-57 % more rows/s for the whole step (docs/benchmarks.md section 11).
+#                    20-57 % more rows/s for the whole step (docs/benchmarks.md section 11). The
+#                    network's GroupNorms (+ SiLU) then run as the CPU kernel built into the same
+#                    library (GroupNorm(kernel=True); section 14).
 # "auto" resolves by backend when a module is traced (resolve_conv_impl). docs/benchmarks.md
 # has the per-layer and whole-step measurements behind the CPU choice.
 CONV_IMPLS = ("auto", "xla", "split_wgrad", "patches_wgrad", "patches", "per_shape", "onednn")
@@ -366,10 +368,12 @@ class AttnBlock(nn.Module):
     q, k, v start at Xavier-uniform scale 0.1 (the reference's NIN default), the output near zero.
     """
 
+    conv_impl: str = "auto"  # one of CONV_IMPLS: picks the GroupNorm's implementation here
+
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape
-        h = group_norm(c, name="norm")(x)
+        h = group_norm(c, name="norm", conv_impl=self.conv_impl)(x)
         # A Dense on the channel axis is exactly a 1x1 convolution.
         proj = lambda name, init=attn_qkv_init: nn.Dense(c, kernel_init=init, bias_init=zeros, name=name)
         q = proj("q")(h).reshape(b, hh * ww, c)
