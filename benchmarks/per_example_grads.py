@@ -428,6 +428,22 @@ def run_networks(args, env, out, deadline, live):
         if rate("opacus_dp") and rate("torch_nonprivate"):
             ratios["opacus_time_over_torch_nonprivate"] = round(rate("torch_nonprivate") / rate("opacus_dp"), 3)
         res["ratios"] = ratios
+        res["targets"] = against_targets(ratios)
+
+
+# Issue 14's targets for the default parts: (ratio, bound, "min" = at least / "max" = at most).
+TARGETS = {"jax_dp_throughput_over_opacus": (1.5, "min"), "jax_dp_time_over_jax_nonprivate": (1.25, "max")}
+
+
+def against_targets(ratios: dict) -> dict:
+    """{ratio: {value, target, met}} for each of TARGETS this run measured."""
+    out = {}
+    for name, (bound, kind) in TARGETS.items():
+        if name in ratios:
+            value = ratios[name]
+            out[name] = {"value": value, "target": f"{'>=' if kind == 'min' else '<='} {bound}",
+                         "met": value >= bound if kind == "min" else value <= bound}
+    return out
 
 
 def add_rates(res: dict) -> None:

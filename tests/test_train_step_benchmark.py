@@ -38,3 +38,15 @@ def test_benchmark_workers_run_with_the_training_commands_allocator():
     assert worker_environment({"DPDM_NO_TCMALLOC": "1"})[1] == "glibc malloc"
     env, allocator = worker_environment({"LD_PRELOAD": "/opt/my_malloc.so"})
     assert allocator == env["LD_PRELOAD"] == "/opt/my_malloc.so"
+
+
+def test_per_example_grads_reports_each_ratio_against_issue_14s_target():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from per_example_grads import against_targets
+
+    got = against_targets({"jax_dp_throughput_over_opacus": 1.47, "jax_dp_time_over_jax_nonprivate": 1.05,
+                           "opacus_time_over_torch_nonprivate": 1.9})
+    assert got == {"jax_dp_throughput_over_opacus": {"value": 1.47, "target": ">= 1.5", "met": False},
+                   "jax_dp_time_over_jax_nonprivate": {"value": 1.05, "target": "<= 1.25", "met": True}}
+    assert against_targets({"jax_dp_throughput_over_opacus": 1.5})["jax_dp_throughput_over_opacus"]["met"]
+    assert against_targets({}) == {}
