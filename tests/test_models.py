@@ -238,3 +238,20 @@ def test_group_norm_matches_flax_values_gradients_and_per_example_gradients(shap
     for grads in (batch_grads, example_grads):
         for a, b in zip(jax.tree.leaves(grads(ours, params)), jax.tree.leaves(grads(ref, ref_params)), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_kernel_gradient_with_cotangents_mapped_over_a_shared_input():
+    """vmap over cotangents only (x, its statistics shared): the kernel's backward must broadcast x
+    to the mapped rows, not read or write past them (it once left part of dx unwritten)."""
+    from dpdm_jax.models import onednn
+
+    if not onednn.available():
+        pytest.skip(f"CPU kernels unavailable: {onednn.unavailable_reason()}")
+    x = 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) + 1.0
+    scale, bias = 1.0 + 0.1 * jnp.arange(8.0), 0.05 * jnp.arange(8.0)
+    _, vjp = jax.vjp(lambda x, s, b: onednn.group_norm(x, s, b, 2, 1e-6, silu=True), x, scale, bias)
+    cotangents = jax.random.normal(jax.random.key(1), (3,) + x.shape)
+    mapped = jax.vmap(vjp)(cotangents)
+    for i, c in enumerate(cotangents):
+        for a, b in zip(mapped, vjp(c), strict=True):
+            np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-6)

@@ -3,7 +3,8 @@
 // on its own, so nothing crosses rows (DP-SGD's per-example gradients need exactly that).
 //
 // Per row, over P = H * W positions and C channels in G groups of C / G:
-//   mean_g, var_g over the group's P * C / G values (float64 sums of x and x^2, var clipped at 0),
+//   mean_g, var_g over the group's P * C / G values (sums of x and x^2 in float over blocks of 64
+//   positions, added in float64; var clipped at 0),
 //   a_c = scale_c / sqrt(var_g + eps), b_c = bias_c - mean_g * a_c, t = a_c x + b_c,
 //   y = t (silu = 0) or t * sigmoid(t) (silu = 1).
 // The gradient, for dy = dL/dy: dt = dy (or dy * sigmoid(t) (1 + t (1 - sigmoid(t)))), then
@@ -52,7 +53,7 @@ ffi::Error CheckShape(ffi::Buffer<ffi::F32>& x, int64_t channels, int64_t groups
 
 constexpr int64_t kBlock = 64;  // positions summed in float before adding into float64
 
-// Per-row mean and 1/sqrt(var + eps) of each group (float64 accumulation).
+// Per-row mean and 1/sqrt(var + eps) of each group (block sums in float, totals in float64).
 DPDM_VECTOR_CLONES
 void RowStats(const float* x, const Shape& s, float eps, float* mean, float* rstd) {
   const int64_t c = s.channels, cg = s.group_size();
@@ -177,6 +178,9 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi
                        ffi::ResultBuffer<ffi::F32> rstd, int64_t groups, float epsilon, int64_t silu) {
   Shape s;
   if (auto e = CheckShape(x, static_cast<int64_t>(scale.element_count()), groups, &s); e.failure()) return e;
+  if (bias.element_count() != s.channels || y->element_count() != x.element_count() ||
+      mean->element_count() != s.rows * groups || rstd->element_count() != s.rows * groups)
+    return ffi::Error::InvalidArgument("group norm: bias, y or statistics do not match x");
   const int64_t size = s.positions * s.channels;
   const float *xs = x.typed_data(), *sc = scale.typed_data(), *bi = bias.typed_data();
   float *ys = y->typed_data(), *ms = mean->typed_data(), *rs = rstd->typed_data();
@@ -200,6 +204,13 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ff
                         ffi::ResultBuffer<ffi::F32> dbias, int64_t groups, int64_t silu) {
   Shape s;
   if (auto e = CheckShape(x, static_cast<int64_t>(scale.element_count()), groups, &s); e.failure()) return e;
+  // Every buffer must hold exactly x's rows: a mismatch (e.g. dy mapped over more rows than x)
+  // would otherwise leave part of dx unwritten.
+  if (bias.element_count() != s.channels || dy.element_count() != x.element_count() ||
+      dx->element_count() != x.element_count() || mean.element_count() != s.rows * groups ||
+      rstd.element_count() != s.rows * groups || dscale->element_count() != s.rows * s.channels ||
+      dbias->element_count() != s.rows * s.channels)
+    return ffi::Error::InvalidArgument("group norm gradient: dy, statistics or outputs do not match x");
   const int64_t size = s.positions * s.channels, c = s.channels;
   const float *xs = x.typed_data(), *sc = scale.typed_data(), *bi = bias.typed_data(), *ms = mean.typed_data(),
               *rs = rstd.typed_data(), *dys = dy.typed_data();
