@@ -6,13 +6,19 @@ killed mid-write leaves the previous checkpoint intact. A checkpoint that fails 
 
 orbax does not checksum array data: a flipped bit in a data file restores silently as a wrong
 number. So every checkpoint also stores SHA-256 digests of its state and of its metadata, and
-`restore` refuses a checkpoint whose files do not reproduce them.
+`restore` refuses a checkpoint whose files do not reproduce them. A single-process run also
+records the SHA-256 of every file of the saved state (`state_files.json`), checked before orbax
+reads them: a truncated or edited checkpoint is refused in one line, where orbax would fail
+mid-read and leave its abandoned reads to print tracebacks whenever they are collected.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging as std_logging
 import os
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -21,6 +27,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 _INTEGRITY = "_integrity"  # metadata key holding the digests (removed again on restore)
+_STATE_FILES = "state_files.json"  # in each step's directory: {path under state/: SHA-256}
 
 
 def ledger_from_metadata(metadata: dict):
@@ -36,6 +43,51 @@ def ledger_from_metadata(metadata: dict):
     elif "seed_secret" not in metadata["ledger"]:
         ledger.seed_secret = int(metadata.get("config", {}).get("seed", 0)) < 0
     return ledger
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    return error is not None and any(
+        f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
+
+
+class _AbandonedReadErrors(std_logging.Filter):
+    """Drops asyncio's "exception was never retrieved" reports of orbax's failed array reads."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_raised_in_orbax(error) and "exception was never retrieved" in record.getMessage())
+
+
+def _abandoned_read(unraisable) -> bool:
+    """An orbax read coroutine closed mid-read, or TensorStore finishing a read after orbax's loop closed."""
+    error = unraisable.exc_value
+    loop_closed = (unraisable.object is None and isinstance(error, RuntimeError)
+                   and str(error) == "Event loop is closed")
+    return loop_closed or _raised_in_orbax(error)
+
+
+def _quiet_abandoned_reads() -> None:
+    """After orbax failed to read a checkpoint, keep its abandoned reads from printing tracebacks.
+
+    When one array read fails, orbax's gather abandons the others and closes its event loop; the
+    reads still in flight, and the coroutines when collected, then go to sys.unraisablehook or
+    asyncio's log, each with a traceback (megabytes for a corrupt checkpoint of a small network),
+    whenever the garbage collector gets to them. `restore_latest` has said in one line why the
+    checkpoint is unreadable. Idempotent; other unraisable errors pass.
+    """
+    std_logging.getLogger("asyncio").addFilter(_ABANDONED_READ_ERRORS)
+    if getattr(sys.unraisablehook, "_drops_abandoned_reads", False):
+        return
+
+    def unraisablehook(unraisable, _next=sys.unraisablehook):
+        if not _abandoned_read(unraisable):
+            _next(unraisable)
+
+    unraisablehook._drops_abandoned_reads = True
+    sys.unraisablehook = unraisablehook
+
+
+_ABANDONED_READ_ERRORS = _AbandonedReadErrors()
 
 
 class CheckpointError(RuntimeError):
@@ -103,6 +155,20 @@ def _metadata_digest(metadata: dict) -> str:
     return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
 
 
+def _file_digests(directory: str) -> dict[str, str]:
+    """{path relative to `directory`: SHA-256 of its bytes} for every file below `directory`."""
+    digests = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            digests[os.path.relpath(path, directory)] = h.hexdigest()
+    return digests
+
+
 class Checkpointer:
     """Save/restore (state, metadata) pairs under `directory/<step>/`.
 
@@ -141,15 +207,48 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        if jax.process_count() == 1:  # other hosts' files may not be visible from this one
+            self._write_state_files(step)
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _write_state_files(self, step: int) -> None:
+        path = os.path.join(self._step_dir(step), _STATE_FILES)
+        with open(path + ".tmp", "w") as f:  # a run killed here leaves a checkpoint without the record
+            json.dump(_file_digests(os.path.join(self._step_dir(step), "state")), f, sort_keys=True)
+        os.replace(path + ".tmp", path)
+
+    def _check_state_files(self, step: int) -> None:
+        """Raises CheckpointError if a file recorded at save time is missing or changed (no record: pass)."""
+        path = os.path.join(self._step_dir(step), _STATE_FILES)
+        if not os.path.exists(path):
+            return  # saved by several processes, killed before the record, or older than it
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {step} in {self.directory}: unreadable {_STATE_FILES} ({e})")
+        found = _file_digests(os.path.join(self._step_dir(step), "state"))
+        changed = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory}: {len(changed)} of its {len(recorded)} state files are "
+                f"missing or differ from the SHA-256 recorded at save time (first: state/{changed[0]})")
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
         """(state, metadata) of `step`; raises CheckpointError if its digests do not match."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target_state), metadata=ocp.args.JsonRestore()
-            ),
-        )
+        self._check_state_files(step)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target_state), metadata=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception:
+            _quiet_abandoned_reads()
+            raise
         state, (metadata, integrity) = restored["state"], self._checked_metadata(step, restored["metadata"])
         expected = integrity.get("state_sha256")
         if expected is not None and state_digest(state) not in (None, expected):
@@ -182,8 +281,9 @@ class Checkpointer:
             try:
                 return self.restore(step, target_state)
             except Exception as e:  # orbax raises many types for corrupt data
+                first_line = (str(e).strip().splitlines() or [""])[0]  # orbax appends whole TensorStore specs
                 logging.warning("Checkpoint %d in %s cannot be restored (%s: %s); trying an older one.",
-                                step, self.directory, type(e).__name__, e)
+                                step, self.directory, type(e).__name__, first_line)
         if steps:
             raise CheckpointError(
                 f"no checkpoint in {self.directory} could be restored (steps {steps} are all corrupt or "
