@@ -99,8 +99,9 @@ def setup(cfg):
     def run():
         grad_key, noise_key = step_keys(run_key, state[1])
         stacked = jax.device_put(stacked_host, replicated(mesh))
-        grad_sum, _ = accumulate_all(state[0].params, stacked, grad_key)
-        state[0] = dp_step._update(state[0], grad_sum, noise_key)
+        sums = accumulate_all(state[0].params, stacked, grad_key)
+        partial_sums = jax.tree.map(lambda x: x[None], sums)  # one device's partial sums, as DPSGDStep's
+        state[0], _ = dp_step._update(state[0], partial_sums, noise_key)
         state[1] += 1
         jax.block_until_ready(state[0].params)
     return run

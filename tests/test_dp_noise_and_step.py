@@ -8,7 +8,7 @@ import pytest
 from dpdm_jax.dp import DPSGDStep, PoissonSampler, ema_decay, noise_multiplicity_loss
 from dpdm_jax.dp.clipping import clipped_grad_sum
 from dpdm_jax.dp.noise import privatise_gradient_sum
-from dpdm_jax.dp.sharding import data_mesh, replicated
+from dpdm_jax.dp.sharding import data_mesh, put_batch, replicated
 from dpdm_jax.dp.step import step_keys
 from tests.dp_helpers import draw_loss, init_params, make_examples
 
@@ -110,6 +110,40 @@ def test_step_independent_of_chunk_size_and_devices():
     for other in results[1:]:
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_devices_are_summed_once_per_step_not_per_chunk():
+    """The chunk program has no cross-device collective; the step's end all-reduces the partial sums.
+
+    Before, every chunk's clipped sum was psum'd: two local processes synchronised 16 times a step.
+    """
+    devices, chunk, n = 4, 8, 40
+    data = make_examples(n)
+    step = DPSGDStep(LOSS, optax.adam(1e-2), clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=10.0,
+                     mesh=data_mesh(jax.devices()[:devices]))
+    state = step.init(init_params())
+    partial = step._zero_accumulator(state.params)
+    assert all(x.shape[0] == devices and len(x.sharding.device_set) == devices for x in jax.tree.leaves(partial))
+    idx = np.arange(chunk, dtype=np.int32)
+    examples, ids, mask = put_batch(step.mesh, (jax.tree.map(lambda a: a[idx], data), idx, np.ones(chunk, bool)))
+    grad_key, noise_key = step_keys(jax.random.key(0), 0)
+    chunk_hlo = step._accumulate.lower(partial, state.params, examples, ids, mask, grad_key).compile().as_text()
+    finish_hlo = step._update.lower(state, partial, noise_key).compile().as_text()
+    collectives = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+    assert not [c for c in collectives if c in chunk_hlo]
+    assert "all-reduce" in finish_hlo
+    # Partial sums of two chunks, summed over devices, equal the clipped sum of their 16 examples.
+    for lo in (0, chunk):
+        idx = np.arange(lo, lo + chunk, dtype=np.int32)
+        batch = put_batch(step.mesh, (jax.tree.map(lambda a: a[idx], data), idx, np.ones(chunk, bool)))
+        partial = step._accumulate(partial, state.params, *batch, grad_key)
+    both = np.arange(2 * chunk, dtype=np.int32)
+    expected, stats = clipped_grad_sum(LOSS, init_params(), jax.tree.map(lambda a: a[both], data), jnp.asarray(both),
+                                       jnp.ones(2 * chunk, bool), grad_key, 1.0)
+    total = jax.tree.map(lambda x: np.asarray(x).sum(0), partial)
+    for a, b in zip(jax.tree.leaves(total[0]), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert total[1].num_examples == 2 * chunk == stats.num_examples
 
 
 def test_empty_batch_still_noisy_update_and_step_check():

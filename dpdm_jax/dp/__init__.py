@@ -15,8 +15,8 @@ from dpdm_jax.dp.clipping import (ClipStats, clipped_example_grad, clipped_grad_
 from dpdm_jax.dp.noise import gaussian_noise_like, privatise_gradient_sum
 from dpdm_jax.dp.plan import DPPlan
 from dpdm_jax.dp.sampling import Chunk, PoissonSampler
-from dpdm_jax.dp.sharding import data_mesh, put_batch, sharded_clipped_grad_sum
-from dpdm_jax.dp.step import (DPSGDStep, TrainState, accumulate_chunk, ema_decay, ema_update, noisy_update,
+from dpdm_jax.dp.sharding import data_mesh, put_batch, sharded_clipped_grad_sum, sharded_partial_sums_add
+from dpdm_jax.dp.step import (DPSGDStep, TrainState, ema_decay, ema_update, finish_step, noisy_update,
                               run_key_from_seed, run_keys, step_keys)
 from dpdm_jax.dp.validation import check_params_only, validate_dp_params
 
@@ -31,7 +31,6 @@ __all__ = [
     "PoissonSampler",
     "PrivacyLedger",
     "TrainState",
-    "accumulate_chunk",
     "calibrate_noise_multiplier",
     "check_params_only",
     "clipped_example_grad",
@@ -41,6 +40,7 @@ __all__ = [
     "ema_decay",
     "ema_update",
     "example_key",
+    "finish_step",
     "gaussian_noise_like",
     "noise_multiplicity_loss",
     "noisy_update",
@@ -49,6 +49,7 @@ __all__ = [
     "run_key_from_seed",
     "run_keys",
     "sharded_clipped_grad_sum",
+    "sharded_partial_sums_add",
     "step_keys",
     "validate_dp_params",
 ]

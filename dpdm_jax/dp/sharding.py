@@ -1,12 +1,16 @@
-"""Data parallelism for the clipped sum: shard_map over a 1-D 'data' mesh, ending in a psum.
+"""Data parallelism for the clipped sum: shard_map over a 1-D 'data' mesh.
 
 Each device clips the per-example gradients of its own rows; only clipped sums cross devices.
+`sharded_clipped_grad_sum` sums one batch over devices (a psum per call); `DPSGDStep` instead
+keeps each device's running sum over a logical step's chunks (`sharded_partial_sums_add`) and
+sums over devices once per step (`sum_over_devices`).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -74,3 +78,47 @@ def sharded_clipped_grad_sum(
         in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
         out_specs=(P(), P()),
     )
+
+
+def zero_partial_sums(params: PyTree, num_devices: int) -> tuple[PyTree, ClipStats]:
+    """Per-device partial sums before a step's first chunk: zeros of shape (num_devices, *leaf.shape).
+
+    Place them split along axis 0 (`batch_sharded`): device d holds row d, its own running sum.
+    """
+    zeros = lambda x: jnp.zeros((num_devices, *jnp.shape(x)), jnp.result_type(x))  # noqa: E731
+    return jax.tree.map(zeros, (params, ClipStats.zeros()))
+
+
+def sharded_partial_sums_add(
+    loss_fn: LossFn,
+    mesh: Mesh,
+    clip_norm: float,
+    microbatch_size: int | None = None,
+) -> Callable[..., tuple[PyTree, ClipStats]]:
+    """Each device adds the clipped gradient sum of its own rows of one chunk to its partial sums.
+
+    Nothing crosses devices: the sum over devices is taken once per logical step
+    (`sum_over_devices`), not once per chunk (a multi-process run synchronised on every chunk).
+
+    Returns:
+      f(partial, params, examples, example_ids, mask, key) -> partial + this chunk's sums.
+      partial: (grad_sum, ClipStats) from `zero_partial_sums`, split along axis 0 over the mesh;
+      params and key replicated; examples, example_ids and mask split along axis 0.
+    """
+
+    def local(partial, params, examples, example_ids, mask, key):
+        params = jax.lax.pcast(params, DATA_AXIS, to="varying")  # per-example gradients stay local
+        chunk = clipped_grad_sum(loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size)
+        return jax.tree.map(lambda total, x: total + x[None], partial, chunk)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+        out_specs=P(DATA_AXIS),
+    )
+
+
+def sum_over_devices(partial: PyTree) -> PyTree:
+    """The partial sums' total over devices (axis 0): inside jit, one all-reduce per logical step."""
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), partial)

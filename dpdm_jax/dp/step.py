@@ -2,7 +2,8 @@
 
     grad_key, noise_key = step_keys(run_key, step)
     for each chunk of the Poisson batch:          (any number of chunks, fixed shape)
-        acc += sum_i clip_C(grad loss_i)           accumulate_chunk (sharded over devices, psum)
+        acc_d += sum_{i on device d} clip_C(grad loss_i)    sharded_partial_sums_add (no cross-device traffic)
+    acc = sum_d acc_d                              finish_step: one all-reduce per logical step, then
     g = (acc + N(0, sigma^2 C^2 I)) / (q N)        noisy_update: once, identical on every device
     params <- optimiser(params, g);  ema <- ema - (1 - decay_n) (ema - params)     ema_update
 
@@ -23,7 +24,8 @@ from jax.sharding import Mesh
 
 from dpdm_jax.dp.clipping import ClipStats, LossFn
 from dpdm_jax.dp.noise import privatise_gradient_sum
-from dpdm_jax.dp.sharding import data_mesh, put_batch, replicated, sharded_clipped_grad_sum
+from dpdm_jax.dp.sharding import (batch_sharded, data_mesh, put_batch, replicated, sharded_partial_sums_add,
+                                  sum_over_devices, zero_partial_sums)
 
 PyTree = Any
 
@@ -73,15 +75,10 @@ def ema_update(ema_params: PyTree, params: PyTree, num_updates: jax.Array, max_d
     return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
 
 
-def zero_accumulator(params: PyTree) -> tuple[PyTree, ClipStats]:
-    """The accumulator before a step's first chunk: zero gradient sum shaped like params, zero stats."""
-    return jax.tree.map(jnp.zeros_like, params), ClipStats.zeros()
-
-
-def accumulate_chunk(acc, params, examples, example_ids, mask, key, *, clipped_sum):
-    """acc + (clipped gradient sum, ClipStats) of one chunk. `clipped_sum` is the sharded sum."""
-    grad_sum, stats = clipped_sum(params, examples, example_ids, mask, key)
-    return jax.tree.map(jnp.add, acc[0], grad_sum), acc[1] + stats
+def finish_step(state: TrainState, partial_sums, key: jax.Array, **update_args) -> tuple[TrainState, ClipStats]:
+    """Sum the devices' partial sums once, then `noisy_update`: (the state after the step, its ClipStats)."""
+    grad_sum, stats = sum_over_devices(partial_sums)
+    return noisy_update(state, grad_sum, key, **update_args), stats
 
 
 def noisy_update(state: TrainState, grad_sum: PyTree, key: jax.Array, *, optimizer, noise_multiplier: float,
@@ -134,16 +131,18 @@ class DPSGDStep:
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
-        repl = replicated(self.mesh)
-        clipped_sum = sharded_clipped_grad_sum(loss_fn, self.mesh, self.clip_norm, microbatch_size)
+        repl, split = replicated(self.mesh), batch_sharded(self.mesh)
         # One compiled call each: eagerly, zeroing ~200 leaves and folding keys were ~10 dispatches
         # per leaf, 60-120 ms per step on 2 CPU cores (benchmarks/step_profile.py).
-        self._zero_accumulator = jax.jit(zero_accumulator, out_shardings=repl)
+        self._zero_accumulator = jax.jit(functools.partial(zero_partial_sums, num_devices=self.mesh.size),
+                                         out_shardings=split)
         self._step_keys = jax.jit(step_keys)
-        self._accumulate = jax.jit(functools.partial(accumulate_chunk, clipped_sum=clipped_sum),
-                                   donate_argnums=(0,), out_shardings=repl)
+        # Each device accumulates its own rows' clipped sums over the step's chunks; the devices
+        # are summed once per step in `finish_step`, not once per chunk.
+        self._accumulate = jax.jit(sharded_partial_sums_add(loss_fn, self.mesh, self.clip_norm, microbatch_size),
+                                   donate_argnums=(0,), out_shardings=split)
         self._update = jax.jit(
-            functools.partial(noisy_update, optimizer=optimizer, noise_multiplier=self.noise_multiplier,
+            functools.partial(finish_step, optimizer=optimizer, noise_multiplier=self.noise_multiplier,
                               clip_norm=self.clip_norm, expected_batch_size=self.expected_batch_size,
                               ema_max_decay=ema_max_decay),
             donate_argnums=(0,), out_shardings=repl)
@@ -164,10 +163,10 @@ class DPSGDStep:
         )
         return jax.device_put(state, replicated(self.mesh))
 
-    def accumulate(self, acc, params, examples, example_ids, mask, grad_key):
-        """acc + clipped sum of one chunk (host arrays are placed on the mesh here)."""
+    def accumulate(self, partial_sums, params, examples, example_ids, mask, grad_key):
+        """Per-device partial sums + the clipped sums of one chunk (host arrays are placed on the mesh here)."""
         examples, example_ids, mask = put_batch(self.mesh, (examples, example_ids, mask))
-        return self._accumulate(acc, params, examples, example_ids, mask, grad_key)
+        return self._accumulate(partial_sums, params, examples, example_ids, mask, grad_key)
 
     def __call__(
         self,
@@ -191,8 +190,7 @@ class DPSGDStep:
         if int(state.step) != step:
             raise ValueError(f"state is at step {int(state.step)} but step {step} was requested")
         grad_key, noise_key = self._step_keys(run_key, step)
-        acc = self._zero_accumulator(state.params)
+        partial_sums = self._zero_accumulator(state.params)
         for examples, example_ids, mask in chunks:
-            acc = self.accumulate(acc, state.params, examples, example_ids, mask, grad_key)
-        grad_sum, stats = acc
-        return self._update(state, grad_sum, noise_key), stats
+            partial_sums = self.accumulate(partial_sums, state.params, examples, example_ids, mask, grad_key)
+        return self._update(state, partial_sums, noise_key)
