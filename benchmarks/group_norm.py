@@ -112,11 +112,9 @@ def main():
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--rounds", type=int, default=21)
     args = p.parse_args()
-    from dpdm_jax.main import tcmalloc_preload
+    from dpdm_jax.main import rerun_with_tcmalloc
 
-    preload = tcmalloc_preload(os.environ)
-    if preload:  # the training command's allocator (as per_example_grads.py's workers)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": preload})
+    rerun_with_tcmalloc([sys.executable, *sys.argv])  # the training command's allocator, as per_example_grads.py's workers
     from dpdm_jax.models import onednn
 
     if not onednn.available():

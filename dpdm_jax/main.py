@@ -58,6 +58,16 @@ def tcmalloc_preload(environ, candidates=TCMALLOC_PATHS, exists=os.path.exists) 
     return next((path for path in candidates if exists(path)), None)
 
 
+def rerun_with_tcmalloc(argv: list[str]) -> None:
+    """Replace this process by `argv` with tcmalloc preloaded, where `tcmalloc_preload` names one.
+
+    Returns (doing nothing) otherwise; the re-run process has LD_PRELOAD set, so it runs as is.
+    """
+    preload = tcmalloc_preload(os.environ)
+    if preload:
+        os.execve(sys.executable, argv, {**os.environ, "LD_PRELOAD": preload})
+
+
 def apply_environment(config, environ=None) -> None:
     """Map the environment variables above onto `config` (in place); the libraries read none."""
     environ = os.environ if environ is None else environ
@@ -137,7 +147,5 @@ def _run(mode, config, workdir):
 
 
 if __name__ == "__main__":
-    preload = tcmalloc_preload(os.environ)
-    if preload:  # once: the re-run process has LD_PRELOAD set
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, "LD_PRELOAD": preload})
+    rerun_with_tcmalloc(sys.orig_argv)
     app.run(main, flags_parser=_parse_flags)
