@@ -114,6 +114,7 @@ def main(argv):
     logging.info("JAX %d process(es), %d device(s): %s; allocator: %s", jax.process_count(), jax.device_count(),
                  jax.devices()[0].platform, os.environ.get("LD_PRELOAD") or "the C library's malloc")
     from dpdm_jax.checkpoint import CheckpointError
+    from dpdm_jax.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS, Preempted
 
     try:  # DataError is a ValueError
         apply_environment(FLAGS.config)
@@ -125,6 +126,9 @@ def main(argv):
         _run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
         _user_error(e)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 def _run(mode, config, workdir):

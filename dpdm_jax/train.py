@@ -28,6 +28,7 @@ from dpdm_jax.checkpoint import state_template as checkpoint_state_template
 from dpdm_jax.dp import (NO_GUARANTEE_PUBLIC_SEED, NO_PRIVACY, PrivacyLedger, TrainState, check_params_only,
                          data_mesh, run_keys)
 from dpdm_jax.metrics import MetricsWriter, Progress, format_eta, save_image_grid
+from dpdm_jax.preemption import Preempted, PreemptionWatch
 
 
 make_optimizer = experiment.make_optimizer  # the optimiser is built from the config, in the builders
@@ -246,40 +247,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         writer.write(step, {"label_accuracy": acc["overall"], "label_accuracy_num_samples": n})
         logging.info("step %d  label accuracy (%d EMA samples, real-data classifier) %.3f", step, n, acc["overall"])
 
-    # 4. The loop.
-    for step in range(start, last):
-        chunks = (
-            (experiment.host_examples(data, c.indices, spec.num_classes is not None), c.indices, c.mask)
-            for c in batch_selection.iter_chunks(seed, step)
-        )
-        tic = time.time()
-        state, stats = dp_step(state, chunks, run_key, step)
-        # Counted as soon as the step has run: never fewer steps than any saved model took.
-        ledger.steps = step + 1
-        done = step + 1
-        if done % t.log_every == 0 or done == last:
-            summary = stats.summary()
-            rate, eta = progress.rates(done)
-            privacy = f"epsilon {ledger.epsilon():.3f}" if ledger.has_guarantee else (
-                "NO PRIVACY" if not ledger.private else f"NO guarantee (public seed) epsilon {ledger.epsilon():.3f}")
-            record = {**summary, "steps_per_s": rate, "step_time_s": time.time() - tic}
-            if ledger.private:
-                record["epsilon"] = ledger.epsilon()
-            if not ledger.has_guarantee:
-                record["privacy"] = ledger.guarantee()
-            writer.write(done, record)
-            if is_chief:
-                logging.info("step %d/%d  loss %.4f  clipped %.2f  %s  %.2f steps/s  ETA %s", done, last,
-                             summary["loss"], summary["clipped_fraction"], privacy, rate, format_eta(eta))
-            progress.render(done, f"loss {summary['loss']:.4f} {privacy} ETA {format_eta(eta)}")
-        if done % t.checkpoint_every == 0 or done == last:
-            save(done)
-        if (t.sample_every > 0 and done % t.sample_every == 0) or (t.sample_every >= 0 and done == last):
-            write_grid(done)
-        if t.fid_every > 0 and (done % t.fid_every == 0 or done == last):
-            write_fid(done)
-        if t.label_accuracy_every > 0 and (done % t.label_accuracy_every == 0 or done == last):
-            write_label_accuracy(done)
+    # 4. The loop. On SIGTERM: finish the step, checkpoint, stop (preemption.py).
+    preemption = PreemptionWatch()
+    try:
+        for step in range(start, last):
+            chunks = (
+                (experiment.host_examples(data, c.indices, spec.num_classes is not None), c.indices, c.mask)
+                for c in batch_selection.iter_chunks(seed, step)
+            )
+            tic = time.time()
+            state, stats = dp_step(state, chunks, run_key, step)
+            # Counted as soon as the step has run: never fewer steps than any saved model took.
+            ledger.steps = step + 1
+            done = step + 1
+            if done % t.log_every == 0 or done == last:
+                summary = stats.summary()
+                rate, eta = progress.rates(done)
+                privacy = f"epsilon {ledger.epsilon():.3f}" if ledger.has_guarantee else (
+                    "NO PRIVACY" if not ledger.private else f"NO guarantee (public seed) epsilon {ledger.epsilon():.3f}")
+                record = {**summary, "steps_per_s": rate, "step_time_s": time.time() - tic}
+                if ledger.private:
+                    record["epsilon"] = ledger.epsilon()
+                if not ledger.has_guarantee:
+                    record["privacy"] = ledger.guarantee()
+                writer.write(done, record)
+                if is_chief:
+                    logging.info("step %d/%d  loss %.4f  clipped %.2f  %s  %.2f steps/s  ETA %s", done, last,
+                                 summary["loss"], summary["clipped_fraction"], privacy, rate, format_eta(eta))
+                progress.render(done, f"loss {summary['loss']:.4f} {privacy} ETA {format_eta(eta)}")
+            if done % t.checkpoint_every == 0 or done == last:
+                save(done)
+            if done < last and preemption.reached(done):
+                if done % t.checkpoint_every != 0:
+                    save(done)
+                writer.close()
+                ckpt.close()
+                logging.warning("SIGTERM: stopped after step %d/%d, checkpoint saved. %s", done, last,
+                                privacy_summary(ledger))
+                raise Preempted(done)
+            if (t.sample_every > 0 and done % t.sample_every == 0) or (t.sample_every >= 0 and done == last):
+                write_grid(done)
+            if t.fid_every > 0 and (done % t.fid_every == 0 or done == last):
+                write_fid(done)
+            if t.label_accuracy_every > 0 and (done % t.label_accuracy_every == 0 or done == last):
+                write_label_accuracy(done)
+    finally:
+        preemption.close()
 
     if start >= last:
         logging.info("Nothing to do: the checkpoint is already at step %d.", start)

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -446,3 +447,32 @@ def test_changed_state_files_are_refused_before_orbax_reads_them(tmp_path, monke
         ckpt.restore(1, toy_template())
     with pytest.raises(CheckpointError, match="no checkpoint in .* could be restored"):
         ckpt.restore_latest(toy_template())
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_rerun_resumes(reference, tmp_path, template):
+    """SIGTERM (preemption): the step finishes, a checkpoint is saved, exit status 143; rerun -> same end."""
+    steps = 12
+    ref = reference(steps)
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "run.log")
+    cmd = command(workdir, steps) + ["--config.training.checkpoint_every=100"]  # only the preemption's
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    while f"step 1/{steps}" not in tail(log, 10**6):
+        assert proc.poll() is None and time.monotonic() < deadline, tail(log)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=PROCESS_TIMEOUT_S) == 143, tail(log)
+    text = tail(log, 10**6)
+    stopped = [line for line in text.splitlines() if line.startswith("stopped: preempted (SIGTERM) after step ")]
+    assert len(stopped) == 1 and "Traceback" not in text, text[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    assert 1 <= step < steps
+    assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [step]
+    with open(os.path.join(workdir, "privacy_ledger.json")) as f:
+        assert json.load(f)["steps"] == step
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    finish(proc, log)
+    assert f"Resumed from checkpoint at step {step}" in tail(log, 10**6)
+    assert_same_final_state(workdir, ref.wait(), steps, template)

@@ -85,8 +85,8 @@ def zero_partial_sums(params: PyTree, num_devices: int) -> tuple[PyTree, ClipSta
 
     Place them split along axis 0 (`batch_sharded`): device d holds row d, its own running sum.
     """
-    zeros = lambda x: jnp.zeros((num_devices, *jnp.shape(x)), jnp.result_type(x))  # noqa: E731
-    return jax.tree.map(zeros, (params, ClipStats.zeros()))
+    return jax.tree.map(lambda x: jnp.zeros((num_devices, *jnp.shape(x)), jnp.result_type(x)),
+                        (params, ClipStats.zeros()))
 
 
 def sharded_partial_sums_add(
