@@ -36,8 +36,8 @@ class PreemptionWatch:
     def __init__(self):
         self._multiprocess = jax.process_count() > 1
         self._requested = False
-        self._previous = None
-        if not self._multiprocess and threading.current_thread() is threading.main_thread():
+        self._installed = not self._multiprocess and threading.current_thread() is threading.main_thread()
+        if self._installed:
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -52,6 +52,6 @@ class PreemptionWatch:
         return self._requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:  # None: the previous handler was not set from Python; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False

@@ -129,3 +129,20 @@ def test_label_accuracy_in_the_log_needs_a_conditional_builtin_dataset(tmp_path)
     config = tiny_config(**{"training.label_accuracy_every": 2, "data.conditional": False})
     with pytest.raises(ValueError, match="label_accuracy_every"):
         experiment.validate_config(config)
+
+
+def test_preemption_watch_restores_the_previous_sigterm_handler():
+    import signal
+    import threading
+
+    from dpdm_jax.preemption import PreemptionWatch
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set from the main thread")
+    before = signal.getsignal(signal.SIGTERM)
+    watch = PreemptionWatch()
+    assert not watch.reached(1)
+    signal.raise_signal(signal.SIGTERM)  # caught: the flag, not the default action (death)
+    assert watch.reached(2)
+    watch.close()
+    assert signal.getsignal(signal.SIGTERM) == before
