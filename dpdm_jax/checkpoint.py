@@ -58,6 +58,9 @@ class _AbandonedReadErrors(std_logging.Filter):
         return not (_raised_in_orbax(error) and "exception was never retrieved" in record.getMessage())
 
 
+_ABANDONED_READ_ERRORS = _AbandonedReadErrors()
+
+
 def _abandoned_read(unraisable) -> bool:
     """An orbax read coroutine closed mid-read, or TensorStore finishing a read after orbax's loop closed."""
     error = unraisable.exc_value
@@ -85,9 +88,6 @@ def _quiet_abandoned_reads() -> None:
 
     unraisablehook._drops_abandoned_reads = True
     sys.unraisablehook = unraisablehook
-
-
-_ABANDONED_READ_ERRORS = _AbandonedReadErrors()
 
 
 class CheckpointError(RuntimeError):

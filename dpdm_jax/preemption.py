@@ -29,8 +29,8 @@ class PreemptionWatch:
     """Has a SIGTERM arrived? Asked once per logical step, with the same step on every host.
 
     One process: a SIGTERM handler sets a flag (installed from the main thread only, restored by
-    `close`). Several processes: jax.distributed's preemption sync manager, so that every host
-    stops after the same step.
+    `close`, or on leaving a `with` block). Several processes: jax.distributed's preemption sync
+    manager, so that every host stops after the same step.
     """
 
     def __init__(self):
@@ -55,3 +55,9 @@ class PreemptionWatch:
         if self._installed:  # None: the previous handler was not set from Python; the default then
             signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
             self._installed = False
+
+    def __enter__(self) -> PreemptionWatch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -248,8 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         logging.info("step %d  label accuracy (%d EMA samples, real-data classifier) %.3f", step, n, acc["overall"])
 
     # 4. The loop. On SIGTERM: finish the step, checkpoint, stop (preemption.py).
-    preemption = PreemptionWatch()
-    try:
+    stopped_at = None
+    with PreemptionWatch() as preemption:
         for step in range(start, last):
             chunks = (
                 (experiment.host_examples(data, c.indices, spec.num_classes is not None), c.indices, c.mask)
@@ -275,29 +275,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     logging.info("step %d/%d  loss %.4f  clipped %.2f  %s  %.2f steps/s  ETA %s", done, last,
                                  summary["loss"], summary["clipped_fraction"], privacy, rate, format_eta(eta))
                 progress.render(done, f"loss {summary['loss']:.4f} {privacy} ETA {format_eta(eta)}")
-            if done % t.checkpoint_every == 0 or done == last:
+            stop = done < last and preemption.reached(done)  # every host asks, every step
+            if done % t.checkpoint_every == 0 or done == last or stop:
                 save(done)
-            if done < last and preemption.reached(done):
-                if done % t.checkpoint_every != 0:
-                    save(done)
-                writer.close()
-                ckpt.close()
-                logging.warning("SIGTERM: stopped after step %d/%d, checkpoint saved. %s", done, last,
-                                privacy_summary(ledger))
-                raise Preempted(done)
+            if stop:
+                stopped_at = done
+                break
             if (t.sample_every > 0 and done % t.sample_every == 0) or (t.sample_every >= 0 and done == last):
                 write_grid(done)
             if t.fid_every > 0 and (done % t.fid_every == 0 or done == last):
                 write_fid(done)
             if t.label_accuracy_every > 0 and (done % t.label_accuracy_every == 0 or done == last):
                 write_label_accuracy(done)
-    finally:
-        preemption.close()
 
     if start >= last:
         logging.info("Nothing to do: the checkpoint is already at step %d.", start)
     writer.close()
     ckpt.close()
+    if stopped_at is not None:
+        logging.warning("SIGTERM: stopped after step %d/%d, checkpoint saved. %s", stopped_at, last,
+                        privacy_summary(ledger))
+        raise Preempted(stopped_at)
     logging.info("Done. %s", privacy_summary(ledger))
     if is_chief:
         print(summary_line(ledger, workdir), flush=True)

@@ -122,7 +122,7 @@ def test_devices_are_summed_once_per_step_not_per_chunk():
     step = DPSGDStep(LOSS, optax.adam(1e-2), clip_norm=1.0, noise_multiplier=0.5, expected_batch_size=10.0,
                      mesh=data_mesh(jax.devices()[:devices]))
     state = step.init(init_params())
-    partial = step._zero_accumulator(state.params)
+    partial = step._zero_partial_sums(state.params)
     assert all(x.shape[0] == devices and len(x.sharding.device_set) == devices for x in jax.tree.leaves(partial))
     idx = np.arange(chunk, dtype=np.int32)
     examples, ids, mask = put_batch(step.mesh, (jax.tree.map(lambda a: a[idx], data), idx, np.ones(chunk, bool)))

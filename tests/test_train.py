@@ -140,9 +140,8 @@ def test_preemption_watch_restores_the_previous_sigterm_handler():
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be set from the main thread")
     before = signal.getsignal(signal.SIGTERM)
-    watch = PreemptionWatch()
-    assert not watch.reached(1)
-    signal.raise_signal(signal.SIGTERM)  # caught: the flag, not the default action (death)
-    assert watch.reached(2)
-    watch.close()
+    with PreemptionWatch() as watch:
+        assert not watch.reached(1)
+        signal.raise_signal(signal.SIGTERM)  # caught: the flag, not the default action (death)
+        assert watch.reached(2)
     assert signal.getsignal(signal.SIGTERM) == before

@@ -48,6 +48,15 @@ def put_batch(mesh: Mesh, tree: PyTree) -> PyTree:
     return jax.tree.map(put, tree)
 
 
+def _device_clipped_sum(loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size):
+    """Inside shard_map: (grad_sum, ClipStats) of this device's own rows, nothing summed across devices."""
+    # Inside shard_map, the gradient w.r.t. a replicated (device-invariant) value is implicitly
+    # summed over devices, which would mix examples BEFORE clipping. Marking params
+    # device-varying keeps every per-example gradient local to its device.
+    params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+    return clipped_grad_sum(loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size)
+
+
 def sharded_clipped_grad_sum(
     loss_fn: LossFn,
     mesh: Mesh,
@@ -63,14 +72,8 @@ def sharded_clipped_grad_sum(
     """
 
     def local(params, examples, example_ids, mask, key):
-        # Inside shard_map, the gradient w.r.t. a replicated (device-invariant) value is
-        # implicitly summed over devices, which would mix examples BEFORE clipping. Marking
-        # params device-varying keeps every per-example gradient local to its device.
-        params = jax.lax.pcast(params, DATA_AXIS, to="varying")
-        grad_sum, stats = clipped_grad_sum(
-            loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size
-        )
-        return jax.lax.psum((grad_sum, stats), DATA_AXIS)
+        sums = _device_clipped_sum(loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size)
+        return jax.lax.psum(sums, DATA_AXIS)
 
     return jax.shard_map(
         local,
@@ -107,8 +110,7 @@ def sharded_partial_sums_add(
     """
 
     def local(partial, params, examples, example_ids, mask, key):
-        params = jax.lax.pcast(params, DATA_AXIS, to="varying")  # per-example gradients stay local
-        chunk = clipped_grad_sum(loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size)
+        chunk = _device_clipped_sum(loss_fn, params, examples, example_ids, mask, key, clip_norm, microbatch_size)
         return jax.tree.map(lambda total, x: total + x[None], partial, chunk)
 
     return jax.shard_map(

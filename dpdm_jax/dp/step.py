@@ -134,7 +134,7 @@ class DPSGDStep:
         repl, split = replicated(self.mesh), batch_sharded(self.mesh)
         # One compiled call each: eagerly, zeroing ~200 leaves and folding keys were ~10 dispatches
         # per leaf, 60-120 ms per step on 2 CPU cores (benchmarks/step_profile.py).
-        self._zero_accumulator = jax.jit(functools.partial(zero_partial_sums, num_devices=self.mesh.size),
+        self._zero_partial_sums = jax.jit(functools.partial(zero_partial_sums, num_devices=self.mesh.size),
                                          out_shardings=split)
         self._step_keys = jax.jit(step_keys)
         # Each device accumulates its own rows' clipped sums over the step's chunks; the devices
@@ -190,7 +190,7 @@ class DPSGDStep:
         if int(state.step) != step:
             raise ValueError(f"state is at step {int(state.step)} but step {step} was requested")
         grad_key, noise_key = self._step_keys(run_key, step)
-        partial_sums = self._zero_accumulator(state.params)
+        partial_sums = self._zero_partial_sums(state.params)
         for examples, example_ids, mask in chunks:
             partial_sums = self.accumulate(partial_sums, state.params, examples, example_ids, mask, grad_key)
         return self._update(state, partial_sums, noise_key)
